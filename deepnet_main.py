@@ -1,0 +1,155 @@
+"""One run of the activation-function suite: train (with resume), test, or analyse an experiment.
+
+    python deepnet_main.py -experiment_name demo -spec_name ABU -run 1 -af_set 5_blend5_swish \
+        -blend_trainable True -swish_beta_trainable True -n_minibatches 2000
+
+Flags keep the original suite's single-dash names (a double dash works too). Every flag has a default
+(the paper's settings), so a run needs only what differs.
+"""
+import argparse
+import math
+import re
+import sys
+
+from deepnet_util import UserError, run_cli
+
+TASKS = ("cifar10", "cifar100")
+PREPROCESSINGS = ("none", "ztrans", "gcn_zca")
+NETWORKS = ("smcn", "smcnLin", "smcnDeep", "smcnBN")
+MODES = ("training", "test", "analysis")
+OPTIMIZERS = ("Adam", "SGD", "Momentum", "Nesterov")
+LR_SCHEDULES = ("constant", "decay", "linear", "step")
+BLEND_MODES = ("unrestricted", "normalized", "posnormed", "absnormed", "softmaxed")
+AF_INITS = ("default", "predefined")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
+
+
+def boolean(text):
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"'{text}' is not a boolean (True/False/yes/no/1/0)")
+
+
+# (flag, type, default, help[, nargs]) — the whole command line, as data.
+FLAGS = [
+    ("path_relative", str, "./", "root folder holding 1_data_<task>/ and 3_output_cifar/"),
+    ("task", str, "cifar10", f"dataset: {', '.join(TASKS)}"),
+    ("preprocessing", str, "ztrans", f"preprocessed variant: {', '.join(PREPROCESSINGS)}"),
+    ("network", str, "smcn", f"architecture: {', '.join(NETWORKS)}"),
+    ("mode", str, "training", f"{', '.join(MODES)}"),
+    ("n_minibatches", int, 60000, "training minibatches"),
+    ("experiment_name", str, "default_experiment", "experiment folder under 3_output_cifar/"),
+    ("spec_name", str, "default_spec", "spec (setting) name: the run folder is <experiment>/<spec>/run_<run>"),
+    ("run", int, 1, "run number"),
+    ("minibatch_size", int, 256, "training minibatch size"),
+    ("optimizer", str, "Adam", f"{', '.join(OPTIMIZERS)} (momentum 0.9)"),
+    ("dropout_keep_probs", float, [0.5], "keep probabilities in training: one for all dropout layers or one each", "+"),
+    ("dropout_keep_probs_inference", float, [1.0], "keep probabilities at validation/test", "+"),
+    ("lr", float, 0.001, "learning rate"),
+    ("lr_schedule_type", str, "constant", f"{', '.join(LR_SCHEDULES)}"),
+    ("lr_decay", float, 0.00004, "decay: lr / (1 + lr_decay * minibatch)"),
+    ("lr_lin_min", float, 0.0004, "linear: final learning rate"),
+    ("lr_lin_steps", int, 60000, "linear: minibatches to reach lr_lin_min"),
+    ("lr_step_ep", int, [200, 400, 600], "step: epochs from which the rate is multiplied", "+"),
+    ("lr_step_multi", float, [0.1, 0.1, 0.1], "step: the multipliers (cumulative)", "+"),
+    ("use_wd", boolean, False, "L2 weight decay on conv and dense weights"),
+    ("wd_lambda", float, 0.01, "weight-decay factor (times sum of w^2 / 2)"),
+    ("create_val_set", boolean, True, "hold out a validation set (else: validate on test, no early stopping)"),
+    ("val_set_fraction", float, 0.05, "validation fraction (rounded to whole minibatches)"),
+    ("af_set", str, "1_relu", "activation set: 1_<fn>, 5_blend5_swish or <n>_<f1>+...+<fn>"),
+    ("af_weights_init", str, "default", "default (1/n each) or predefined (from -load_af_weights_from)"),
+    ("safe_af_ws_n", int, 10, "save AF weights at this many evenly spaced minibatches"),
+    ("safe_all_ws_n", int, 2, "save all weights at this many evenly spaced minibatches"),
+    ("load_af_weights_from", str, "", "spec whose newest AF-weights file (same run) initialises the blend"),
+    ("norm_blendw_at_init", boolean, False, "rescale predefined blend weights to sum 1"),
+    ("blend_trainable", boolean, False, "train the blend weights (one function: adaptive scaling)"),
+    ("blend_mode", str, "unrestricted", f"{', '.join(BLEND_MODES)}"),
+    ("swish_beta_trainable", boolean, False, "train swish's beta"),
+    ("walltime", float, 0.0, "minutes this process may run (0: no limit); stops at a checkpoint in time"),
+    ("create_checkpoints", boolean, True, "checkpoint at mb 0 and every -epochs_between_checkpoints"),
+    ("epochs_between_checkpoints", int, 8, "epochs between checkpoints"),
+    ("save_af_weights_at_test_mb", boolean, True, "save AF weights of the tested model"),
+    ("save_all_weights_at_test_mb", boolean, True, "save all weights of the tested model"),
+    ("create_lc_on_the_fly", boolean, True, "plot learning curves at each checkpoint"),
+    ("seed", int, None, "random seed (default: the run number, pairing runs across specs)"),
+    ("val_every", int, 20, "validate every this many minibatches"),
+    ("reference", str, "relu", "analysis: the spec every other spec is compared with"),
+]
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, kind, default, text, *nargs in FLAGS:
+        p.add_argument(f"-{name}", f"--{name}", dest=name, type=kind, default=default, help=text,
+                       nargs=nargs[0] if nargs else None, metavar=name.upper())
+    return p
+
+
+def _require(condition, flag, problem):
+    if not condition:
+        raise UserError(f"-{flag}: {problem}")
+
+
+def _choice(s, flag, choices):
+    _require(s[flag] in choices, flag, f"'{s[flag]}' is not one of {', '.join(choices)}")
+
+
+def validate(s):
+    """Check every setting; returns the settings with derived defaults filled in (UserError if bad)."""
+    for flag, choices in (("task", TASKS), ("preprocessing", PREPROCESSINGS), ("network", NETWORKS),
+                          ("mode", MODES), ("optimizer", OPTIMIZERS), ("lr_schedule_type", LR_SCHEDULES),
+                          ("blend_mode", BLEND_MODES), ("af_weights_init", AF_INITS)):
+        _choice(s, flag, choices)
+    for flag in ("experiment_name", "spec_name"):
+        _require(re.fullmatch(NAME_PATTERN, s[flag]) and not s[flag].startswith("0_"), flag,
+                 f"'{s[flag]}' must be letters, digits, '_', '.', '+', '-' (not starting with '0_')")
+    for flag, low in (("n_minibatches", 1), ("run", 0), ("minibatch_size", 1), ("lr_lin_steps", 1),
+                      ("safe_af_ws_n", 0), ("safe_all_ws_n", 0), ("epochs_between_checkpoints", 1),
+                      ("val_every", 1)):
+        _require(s[flag] >= low, flag, f"must be at least {low}, got {s[flag]}")
+    for flag in ("lr", "lr_decay", "lr_lin_min", "wd_lambda", "walltime"):
+        _require(math.isfinite(s[flag]) and s[flag] >= 0, flag, f"must be a finite number >= 0, got {s[flag]}")
+    _require(s["lr"] > 0, "lr", "must be positive")
+    _require(0 < s["val_set_fraction"] < 1, "val_set_fraction", f"must lie in (0, 1), got {s['val_set_fraction']}")
+    _require(len(s["lr_step_ep"]) == len(s["lr_step_multi"]), "lr_step_multi",
+             f"{len(s['lr_step_multi'])} multipliers for {len(s['lr_step_ep'])} -lr_step_ep epochs")
+    _require(all(e >= 0 for e in s["lr_step_ep"]), "lr_step_ep", "epochs must be >= 0")
+    _require(all(math.isfinite(m) and m > 0 for m in s["lr_step_multi"]), "lr_step_multi", "must be positive")
+    if s["seed"] is None:
+        s["seed"] = s["run"]
+    _require(s["seed"] >= 0, "seed", "must be >= 0")
+    import deepnet_network as net  # after the cheap checks: importing TensorFlow takes seconds
+    try:
+        net.parse_af_set(s["af_set"])
+    except ValueError as err:
+        raise UserError(f"-af_set: {err}") from None
+    n_dropout = net.n_dropout_layers(s["network"])
+    for flag in ("dropout_keep_probs", "dropout_keep_probs_inference"):
+        probs = s[flag]
+        _require(all(0 < p <= 1 for p in probs), flag, f"keep probabilities must lie in (0, 1], got {probs}")
+        _require(len(probs) in (1, max(n_dropout, 1)), flag,
+                 f"give one value or one per dropout layer ({n_dropout} in {s['network']}), got {len(probs)}")
+    if s["af_weights_init"] == "predefined":
+        _require(s["load_af_weights_from"], "load_af_weights_from", "needed with -af_weights_init predefined")
+    return s
+
+
+def main(argv=None):
+    s = validate(vars(parser().parse_args(argv)))
+    if s["mode"] == "analysis":
+        import deepnet_analysis
+        from deepnet_task_cifar import experiment_dir
+        deepnet_analysis.analyse_experiment(experiment_dir(s), reference=s["reference"])
+        return 0
+    import deepnet_task_cifar as task
+    if s["mode"] == "test":
+        return task.run_test(s)
+    return task.run_training(s)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

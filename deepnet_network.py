@@ -1,0 +1,424 @@
+"""Graph-mode (TF1) conv nets whose activation functions can be trained.
+
+An activation set (``-af_set``) names the base functions an activated layer blends:
+
+    <n>_<function>              one function, e.g. 1_relu (with -blend_trainable: adaptive scaling)
+    <n>_<f1>+<f2>+...+<fn>      a blend of any base functions, e.g. 3_relu+tanh+jswish
+    5_blend5_swish              the paper's ABU: relu, jelu, tanh, jswish, linu, in that order
+
+The leading count must equal the number of functions. Each activated layer owns ``blend_weights``
+(shape [n]) and, when a blend contains jswish, ``swish_beta``; the blend mode maps the raw weights
+to the effective weights that multiply the functions.
+"""
+import glob
+import os
+import re
+from collections import namedtuple
+
+import numpy as np
+
+from deepnet_util import UserError, import_tf, load_pickle
+
+tf = import_tf()
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def _np_sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _np_elu(x):
+    return np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
+
+
+BaseFunction = namedtuple("BaseFunction", "label graph numpy uses_beta")
+
+# One registry serves the graph, the numpy reference and the plots.
+BASE_FUNCTIONS = {
+    "relu": BaseFunction("ReLU", lambda x, b: tf.nn.relu(x), lambda x, b: np.maximum(x, 0), False),
+    "jelu": BaseFunction("ELU", lambda x, b: tf.nn.elu(x), lambda x, b: _np_elu(x), False),
+    "tanh": BaseFunction("tanh", lambda x, b: tf.tanh(x), lambda x, b: np.tanh(x), False),
+    "jswish": BaseFunction("Swish", lambda x, b: x * tf.sigmoid(b * x),
+                           lambda x, b: x * _np_sigmoid(b * x), True),
+    "linu": BaseFunction("identity", lambda x, b: tf.identity(x), lambda x, b: np.array(x, copy=True),
+                         False),
+    "selu": BaseFunction("SELU", lambda x, b: tf.nn.selu(x),
+                         lambda x, b: SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(np.minimum(x, 0))),
+                         False),
+}
+
+NAMED_BLENDS = {"blend5_swish": ("relu", "jelu", "tanh", "jswish", "linu")}
+
+POSNORM_MIN, POSNORM_MAX = 1e-4, 1e3
+
+BLEND_MODES = {
+    "unrestricted": (lambda w: w, lambda w: w),
+    "normalized": (lambda w: w / tf.reduce_sum(w), lambda w: w / np.sum(w)),
+    "posnormed": (lambda w: _posnorm(w, tf.clip_by_value, tf.reduce_sum),
+                  lambda w: _posnorm(w, np.clip, np.sum)),
+    "absnormed": (lambda w: w / tf.reduce_sum(tf.abs(w)), lambda w: w / np.sum(np.abs(w))),
+    "softmaxed": (lambda w: tf.nn.softmax(w), lambda w: np.exp(w - np.max(w)) / np.sum(np.exp(w - np.max(w)))),
+}
+
+
+def _posnorm(w, clip, total):
+    clipped = clip(w, POSNORM_MIN, POSNORM_MAX)
+    return clipped / total(clipped)
+
+
+def parse_af_set(af_set):
+    """'5_blend5_swish' -> ('relu', 'jelu', 'tanh', 'jswish', 'linu'); ValueError if malformed."""
+    match = re.fullmatch(r"(\d+)_(.+)", str(af_set))
+    if not match:
+        raise ValueError(f"activation set '{af_set}' is not of the form <count>_<functions>, "
+                         "e.g. 1_relu, 5_blend5_swish or 3_relu+tanh+jswish")
+    count, body = int(match.group(1)), match.group(2)
+    names = NAMED_BLENDS.get(body) or tuple(body.split("+"))
+    unknown = [name for name in names if name not in BASE_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"activation set '{af_set}': unknown function(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(BASE_FUNCTIONS)}; blends: {', '.join(NAMED_BLENDS)})")
+    if count != len(names):
+        raise ValueError(f"activation set '{af_set}': the count {count} does not match its "
+                         f"{len(names)} function(s)")
+    return names
+
+
+def uses_swish_beta(af_set):
+    return any(BASE_FUNCTIONS[name].uses_beta for name in parse_af_set(af_set))
+
+
+def _check_blend_mode(blend_mode):
+    if blend_mode not in BLEND_MODES:
+        raise ValueError(f"unknown blend mode '{blend_mode}' (known: {', '.join(BLEND_MODES)})")
+
+
+def effective_weights(blend_weights_raw, blend_mode):
+    """TF: the weights that multiply the functions, after the blend mode."""
+    _check_blend_mode(blend_mode)
+    return BLEND_MODES[blend_mode][0](blend_weights_raw)
+
+
+def effective_weights_numpy(blend_weights_raw, blend_mode):
+    _check_blend_mode(blend_mode)
+    return BLEND_MODES[blend_mode][1](np.asarray(blend_weights_raw, dtype=np.float64))
+
+
+def activation(preact, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="unrestricted",
+               component_transform=None):
+    """Build the blended activation sum_i w_i f_i(preact) for effective weights w (TF ops).
+
+    Weights and beta may be tensors or variables; gradients flow to them. ``component_transform``
+    (used by batch-normalised nets) is applied to each component before blending.
+    """
+    names = parse_af_set(af_set)
+    raw = tf.convert_to_tensor(blend_weights_raw, dtype=preact.dtype)
+    if not raw.shape.is_compatible_with([len(names)]):
+        raise ValueError(f"activation set '{af_set}' needs {len(names)} blend weights, got shape {raw.shape}")
+    weights = effective_weights(raw, blend_mode)
+    beta = tf.convert_to_tensor(swish_beta, dtype=preact.dtype)
+    components = [BASE_FUNCTIONS[name].graph(preact, beta) for name in names]
+    if component_transform is not None:
+        components = [component_transform(c, i) for i, c in enumerate(components)]
+    out = weights[0] * components[0]
+    for i in range(1, len(components)):
+        out = out + weights[i] * components[i]
+    return out
+
+
+def activation_numpy(x, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="unrestricted"):
+    """The same as activation(), in numpy (float64)."""
+    names = parse_af_set(af_set)
+    weights = effective_weights_numpy(blend_weights_raw, blend_mode)
+    if weights.shape != (len(names),):
+        raise ValueError(f"activation set '{af_set}' needs {len(names)} blend weights, got {weights.shape}")
+    x = np.asarray(x, dtype=np.float64)
+    return sum(w * BASE_FUNCTIONS[name].numpy(x, float(swish_beta)) for w, name in zip(weights, names))
+
+
+# ---------------------------------------------------------------- architectures, as data
+
+# ('conv', kernel, channels) | ('dropout',) | ('maxpool', size, stride) | ('avgpool', size, stride)
+# | ('dense', units) | ('logits',).  Every conv and dense layer is activated; logits are not.
+_SMCN_HEAD = [("conv", 5, 64), ("dropout",), ("conv", 3, 64), ("maxpool", 3, 2)]
+_SMCN_BLOCK = [("conv", 1, 64), ("dropout",), ("conv", 5, 64)]
+_SMCN_TAIL = [("maxpool", 3, 2), ("dense", 384), ("dropout",), ("dense", 192), ("logits",)]
+
+ARCHITECTURES = {
+    "smcn": _SMCN_HEAD + _SMCN_BLOCK + _SMCN_TAIL,
+    "smcnLin": [layer if layer[0] != "maxpool" else ("avgpool", 2, 2)
+                for layer in _SMCN_HEAD + _SMCN_BLOCK + _SMCN_TAIL if layer[0] != "dropout"],
+    "smcnDeep": _SMCN_HEAD + 3 * _SMCN_BLOCK + _SMCN_TAIL,
+    "smcnBN": [layer for layer in _SMCN_HEAD + _SMCN_BLOCK + _SMCN_TAIL if layer[0] != "dropout"],
+}
+BATCH_NORM_NETWORKS = {"smcnBN"}
+BN_DECAY, BN_EPSILON = 0.99, 1e-3
+
+
+def layer_names(network):
+    """Names of the weighted layers in order: conv1.., dense1.., logits."""
+    counts, names = {}, []
+    for layer in ARCHITECTURES[network]:
+        if layer[0] in ("conv", "dense"):
+            counts[layer[0]] = counts.get(layer[0], 0) + 1
+            names.append(f"{layer[0]}{counts[layer[0]]}")
+        elif layer[0] == "logits":
+            names.append("logits")
+    return names
+
+
+def activated_layers(network):
+    return [name for name in layer_names(network) if name != "logits"]
+
+
+def n_dropout_layers(network):
+    return sum(layer[0] == "dropout" for layer in ARCHITECTURES[network])
+
+
+# ---------------------------------------------------------------- graph pieces
+
+Inputs = namedtuple("Inputs", "images labels keep_probs training step lr")
+
+
+def make_inputs(image_shape=(32, 32, 3)):
+    """Placeholders fed by the training loop."""
+    return Inputs(
+        images=tf.placeholder(tf.float32, (None,) + tuple(image_shape), name="images"),
+        labels=tf.placeholder(tf.int64, (None,), name="labels"),
+        keep_probs=tf.placeholder_with_default(tf.ones([1]), (None,), name="keep_probs"),
+        training=tf.placeholder_with_default(False, (), name="training"),
+        step=tf.placeholder_with_default(tf.constant(0, tf.int64), (), name="step"),
+        lr=tf.placeholder_with_default(0.001, (), name="lr"),
+    )
+
+
+def _weight(name, shape, stddev, seed):
+    init = tf.truncated_normal_initializer(stddev=stddev, seed=seed)
+    return tf.get_variable(name, shape, tf.float32, init, collections=[
+        tf.GraphKeys.GLOBAL_VARIABLES, tf.GraphKeys.TRAINABLE_VARIABLES, "decayed_weights"])
+
+
+def _dropout(x, keep_probs, index, step, seed):
+    """Inverted dropout with a stateless mask keyed on (seed, step, layer): no session history."""
+    keep = keep_probs[tf.minimum(index, tf.shape(keep_probs)[0] - 1)]
+
+    def dropped():
+        key = tf.stack([tf.constant(seed, tf.int64), step * 64 + index])
+        noise = tf.random.stateless_uniform(tf.shape(x), seed=key, dtype=x.dtype)
+        return x * tf.floor(keep + noise) / keep
+
+    return tf.cond(keep < 1.0, dropped, lambda: x)
+
+
+def _batch_norm(x, training, name):
+    """Batch statistics in training, moving averages at inference (update ops in UPDATE_OPS)."""
+    with tf.variable_scope(name):
+        axes = list(range(len(x.shape) - 1))
+        depth = x.shape[-1]
+        gamma = tf.get_variable("gamma", [depth], initializer=tf.ones_initializer())
+        beta = tf.get_variable("beta", [depth], initializer=tf.zeros_initializer())
+        moving_mean = tf.get_variable("moving_mean", [depth], initializer=tf.zeros_initializer(),
+                                      trainable=False)
+        moving_var = tf.get_variable("moving_variance", [depth], initializer=tf.ones_initializer(),
+                                     trainable=False)
+        mean, var = tf.nn.moments(x, axes)
+        for moving, batch in ((moving_mean, mean), (moving_var, var)):
+            tf.add_to_collection(tf.GraphKeys.UPDATE_OPS,
+                                 tf.assign(moving, BN_DECAY * moving + (1 - BN_DECAY) * batch))
+        mean, var = tf.cond(training, lambda: (mean, var),
+                            lambda: (tf.identity(moving_mean), tf.identity(moving_var)))
+        return tf.nn.batch_normalization(x, mean, var, beta, gamma, BN_EPSILON)
+
+
+ActivationVars = namedtuple("ActivationVars", "raw effective beta")
+
+
+def _activation_layer(preact, settings, af_init, training, use_bn):
+    """Create this layer's blend weights (and beta) and apply the blended activation."""
+    names = parse_af_set(settings["af_set"])
+    raw = tf.get_variable("blend_weights", initializer=tf.constant(af_init["blend_weights"], tf.float32),
+                          trainable=settings["blend_trainable"])
+    beta = None
+    if any(BASE_FUNCTIONS[n].uses_beta for n in names):
+        beta = tf.get_variable("swish_beta", initializer=tf.constant(af_init["swish_beta"], tf.float32),
+                               trainable=settings["swish_beta_trainable"])
+    transform = None
+    if use_bn and len(names) > 1:
+        transform = lambda c, i: _batch_norm(c, training, f"bn_component{i + 1}")  # noqa: E731
+    out = activation(preact, settings["af_set"], raw, 1.0 if beta is None else beta,
+                     settings["blend_mode"], component_transform=transform)
+    effective = effective_weights(raw, settings["blend_mode"])
+    tf.summary.histogram("blend_weights", raw, collections=["val_summaries"])
+    for i in range(len(names)):
+        tf.summary.scalar(f"blend_weight_{i + 1}_{names[i]}", effective[i], collections=["val_summaries"])
+    if beta is not None:
+        tf.summary.scalar("swish_beta", beta, collections=["val_summaries"])
+    return out, ActivationVars(raw, effective, beta)
+
+
+Endpoints = namedtuple("Endpoints", "preacts activations af_vars")
+
+
+def inference(inputs, settings, af_init=None):
+    """Build the network of settings['network'] on inputs.images; returns (logits, endpoints).
+
+    af_init: layer name -> {'blend_weights': array, 'swish_beta': float}; default 1/n and beta 1.
+    """
+    network = settings["network"]
+    if network not in ARCHITECTURES:
+        raise ValueError(f"unknown network '{network}' (known: {', '.join(ARCHITECTURES)})")
+    af_init = af_init or default_af_init(network, settings["af_set"])
+    use_bn = network in BATCH_NORM_NETWORKS
+    names = iter(layer_names(network))
+    x, first, dropout_index = inputs.images, True, 0
+    preacts, activations, af_vars = {}, {}, {}
+    for layer in ARCHITECTURES[network]:
+        kind = layer[0]
+        if kind == "dropout":
+            x = _dropout(x, inputs.keep_probs, dropout_index, inputs.step, settings["seed"])
+            dropout_index += 1
+            continue
+        if kind in ("maxpool", "avgpool"):
+            pool = tf.nn.max_pool2d if kind == "maxpool" else tf.nn.avg_pool2d
+            x = pool(x, layer[1], layer[2], "SAME")
+            continue
+        name = next(names)
+        with tf.variable_scope(name):
+            seed = layer_names(network).index(name) + 1
+            if kind == "conv":
+                k, c_in, c_out = layer[1], int(x.shape[-1]), layer[2]
+                w = _weight("weights", [k, k, c_in, c_out], np.sqrt(2.0 / (k * k * c_in)), seed)
+                b = tf.get_variable("biases", [c_out], initializer=tf.constant_initializer(0.0 if first else 0.1))
+                x = tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
+            else:
+                if len(x.shape) > 2:
+                    x = tf.reshape(x, [-1, int(np.prod(x.shape[1:]))])
+                n_in = int(x.shape[-1])
+                n_out = settings["n_classes"] if kind == "logits" else layer[1]
+                w = _weight("weights", [n_in, n_out], np.sqrt(2.0 / (n_in * n_out)), seed)
+                b = tf.get_variable("biases", [n_out], initializer=tf.constant_initializer(0.1))
+                x = tf.matmul(x, w) + b
+            tf.summary.histogram("weights", w, collections=["val_summaries"])
+            first = False
+            if kind == "logits":
+                break
+            if use_bn:
+                x = _batch_norm(x, inputs.training, "bn")
+            preacts[name] = x
+            x, af_vars[name] = _activation_layer(x, settings, af_init[name], inputs.training, use_bn)
+            activations[name] = x
+            tf.summary.histogram("preactivations", preacts[name], collections=["val_summaries"])
+            tf.summary.histogram("activations", x, collections=["val_summaries"])
+    return x, Endpoints(preacts, activations, af_vars)
+
+
+def loss(logits, labels, wd_lambda=0.0):
+    """(total, cross_entropy): mean softmax cross-entropy plus wd_lambda * sum of tf.nn.l2_loss
+    (sum w^2 / 2) over the conv and dense weights."""
+    cross_entropy = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    if not wd_lambda:
+        return cross_entropy, cross_entropy
+    decay = tf.add_n([tf.nn.l2_loss(w) for w in tf.get_collection("decayed_weights")])
+    return cross_entropy + wd_lambda * decay, cross_entropy
+
+
+OPTIMIZERS = {
+    "Adam": lambda lr: tf.train.AdamOptimizer(lr),
+    "SGD": lambda lr: tf.train.GradientDescentOptimizer(lr),
+    "Momentum": lambda lr: tf.train.MomentumOptimizer(lr, 0.9),
+    "Nesterov": lambda lr: tf.train.MomentumOptimizer(lr, 0.9, use_nesterov=True),
+}
+
+
+def train(total_loss, optimizer, lr):
+    """One optimizer step on all trainable variables; batch-norm updates run with it."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{optimizer}' (known: {', '.join(OPTIMIZERS)})")
+    with tf.control_dependencies(tf.get_collection(tf.GraphKeys.UPDATE_OPS)):
+        return OPTIMIZERS[optimizer](lr).minimize(total_loss)
+
+
+Model = namedtuple("Model", "inputs logits loss cross_entropy top1 top5 predictions train_op "
+                            "endpoints preact_stats train_summaries val_summaries model_variables")
+
+
+def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
+    """The whole training graph in the default graph: placeholders, net, loss, metrics, train op."""
+    tf.set_random_seed(settings["seed"])
+    inputs = make_inputs(image_shape)
+    logits, endpoints = inference(inputs, settings, af_init)
+    model_variables = tf.global_variables()  # before the optimizer adds its slots
+    total_loss, cross_entropy = loss(logits, inputs.labels,
+                                     settings["wd_lambda"] if settings["use_wd"] else 0.0)
+    top1 = tf.reduce_mean(tf.cast(tf.nn.in_top_k(logits, inputs.labels, 1), tf.float32))
+    top5 = tf.reduce_mean(tf.cast(tf.nn.in_top_k(logits, inputs.labels, min(5, settings["n_classes"])),
+                                  tf.float32))
+    train_op = train(total_loss, settings["optimizer"], inputs.lr)
+    preact_stats = {name: tf.nn.moments(p, list(range(len(p.shape))))
+                    for name, p in endpoints.preacts.items()}
+    train_summaries = tf.summary.merge([tf.summary.scalar("train/loss", cross_entropy),
+                                        tf.summary.scalar("train/top1", top1),
+                                        tf.summary.scalar("train/top5", top5)])
+    val_summaries = tf.summary.merge_all("val_summaries")
+    return Model(inputs, logits, total_loss, cross_entropy, top1, top5, tf.argmax(logits, 1), train_op,
+                 endpoints, preact_stats, train_summaries, val_summaries, model_variables)
+
+
+# ---------------------------------------------------------------- AF weight initialisation and files
+
+def default_af_init(network, af_set):
+    n = len(parse_af_set(af_set))
+    return {name: {"blend_weights": np.full(n, 1.0 / n, np.float32), "swish_beta": 1.0}
+            for name in activated_layers(network)}
+
+
+def af_weights_path(exp_dir, spec, run, mb, ext="pkl"):
+    return os.path.join(exp_dir, "0_af_weights", f"af_weights_{spec}_run_{run}_mb_{mb}.{ext}")
+
+
+def newest_af_weights_file(exp_dir, spec, run):
+    """The AF-weights file of spec/run with the highest minibatch number, or None."""
+    pattern = af_weights_path(exp_dir, glob.escape(spec), run, "*")
+    found = []
+    for path in glob.glob(pattern):
+        match = re.search(r"_mb_(\d+)\.pkl$", path)
+        if match and os.path.basename(path) == f"af_weights_{spec}_run_{run}_mb_{match.group(1)}.pkl":
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def predefined_af_init(exp_dir, spec, run, network, af_set, normalize=False):
+    """Initial AF weights from the newest AF-weights file of spec/run (UserError if absent/unfit)."""
+    path = newest_af_weights_file(exp_dir, spec, run)
+    if path is None:
+        raise UserError(f"-load_af_weights_from {spec}: no AF-weights file for run {run} in "
+                        f"{os.path.join(exp_dir, '0_af_weights')}")
+    saved = load_pickle(path)
+    n = len(parse_af_set(af_set))
+    init = {}
+    for name in activated_layers(network):
+        layer = saved.get("layers", {}).get(name) if isinstance(saved, dict) else None
+        if layer is None or np.shape(layer.get("blend_weights_raw")) != (n,):
+            raise UserError(f"{path}: has no {n} blend weights for layer {name} "
+                            f"(activation set {af_set}, network {network})")
+        weights = np.asarray(layer["blend_weights_raw"], np.float32)
+        if normalize:
+            weights = weights / np.sum(weights)
+        beta = layer.get("swish_beta")
+        init[name] = {"blend_weights": weights, "swish_beta": 1.0 if beta is None else float(beta)}
+    return init
+
+
+def read_af_weights(sess, endpoints):
+    """Current AF weights: layer -> {'blend_weights_raw', 'blend_weights', 'swish_beta' (or None)}."""
+    fetch = {}
+    for name, v in endpoints.af_vars.items():
+        fetch[name] = {"blend_weights_raw": v.raw, "blend_weights": v.effective}
+        if v.beta is not None:
+            fetch[name]["swish_beta"] = v.beta
+    values = sess.run(fetch)
+    for layer in values.values():
+        layer["swish_beta"] = float(layer["swish_beta"]) if "swish_beta" in layer else None
+    return values

@@ -1,0 +1,802 @@
+"""CIFAR task: data, training with checkpoints and exact resume, post-hoc early stopping, test.
+
+A run lives in EXP/<spec>/run_<run>/ (EXP = PATH/3_output_cifar/<experiment>/). Its checkpoints are
+folders models/ckpt_mb_<mb>/ that appear atomically (written under a temporary name, then renamed):
+    state.*        model and optimizer variables (only the newest checkpoint keeps it: resume)
+    model.*        model variables (kept while the checkpoint can still win post-hoc early stopping)
+    recorder.pkl   the recorder as of that minibatch
+Everything random is a pure function of (seed, epoch / step, layer): the data split, each epoch's order
+and the dropout masks. So a run resumed from any checkpoint continues exactly as it would have.
+"""
+import fcntl
+import glob
+import os
+import re
+import shutil
+import signal
+import time
+
+import numpy as np
+import psutil
+
+import deepnet_network as net
+from deepnet_util import UserError, load_pickle, save_json, save_pickle, save_text, atomic_write_bytes
+
+tf = net.tf
+
+N_CLASSES = {"cifar10": 10, "cifar100": 100}
+PREPROCESSING_SUFFIX = {"none": "", "ztrans": "_ztrans", "gcn_zca": "_gcn_zca"}
+EVAL_BATCH = 500
+SMOOTHING_PASSES = 3
+
+
+# ---------------------------------------------------------------- paths
+
+def experiment_dir(s):
+    return os.path.join(s["path_relative"], "3_output_cifar", s["experiment_name"])
+
+
+def run_paths(s):
+    """Every file and folder of one run, derived from the settings."""
+    exp = experiment_dir(s)
+    spec, run = s["spec_name"], s["run"]
+    run_dir = os.path.join(exp, spec, f"run_{run}")
+    return dict(
+        exp=exp, run_dir=run_dir,
+        record=os.path.join(run_dir, f"record_{spec}_run_{run}.pkl"),
+        run_info=os.path.join(run_dir, f"run_info_{s['experiment_name']}_{spec}_run_{run}.txt"),
+        learning_curves=os.path.join(run_dir, f"learning_curves_{spec}_run_{run}.png"),
+        early_stopping=os.path.join(run_dir, "early_stopping_analysis.png"),
+        split=os.path.join(run_dir, "datasets", "split.pkl"),
+        models=os.path.join(run_dir, "models"),
+        lock=os.path.join(run_dir, ".lock"),
+        summaries=os.path.join(exp, "0_summaries", f"{spec}_{run}"),
+        all_weights=os.path.join(exp, "0_all_weights"),
+    )
+
+
+def data_files(s):
+    """(train pickle, test pickle) written by deepnet_task_cifar_preprocessing.py."""
+    task, suffix = s["task"], PREPROCESSING_SUFFIX[s["preprocessing"]]
+    root = os.path.join(s["path_relative"], f"1_data_{task}")
+    return (os.path.join(root, f"train_set{suffix}", f"{task}_trainset.pkl"),
+            os.path.join(root, f"test_set{suffix}", f"{task}_testset.pkl"))
+
+
+# ---------------------------------------------------------------- data
+
+def load_dataset(path, n_classes):
+    """Images (n,32,32,3) float32 and labels (n,) int64 from a preprocessed pickle, validated."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: preprocessed data not found (run deepnet_task_cifar_preprocessing.py)")
+    data = load_pickle(path)
+    if not isinstance(data, dict) or "images" not in data or "labels" not in data:
+        raise UserError(f"{path}: expected a dict with 'images' and 'labels'")
+    images, labels = data["images"], data["labels"]
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise UserError(f"{path}: images must be an array of shape (n, 32, 32, 3), got "
+                        f"{getattr(images, 'shape', type(images).__name__)}")
+    if images.dtype != np.float32:
+        raise UserError(f"{path}: images must be float32, got {images.dtype}")
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels must be {len(images)} integers, got shape {labels.shape} "
+                        f"dtype {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise UserError(f"{path}: labels must lie in 0..{n_classes - 1}")
+    if not np.isfinite(images).all():
+        raise UserError(f"{path}: images contain NaN or Inf")
+    return images, labels.astype(np.int64)
+
+
+def validation_size(n_images, fraction, minibatch_size):
+    """The multiple of the minibatch size nearest to fraction * n_images (at least one minibatch)."""
+    return max(1, int(round(fraction * n_images / minibatch_size))) * minibatch_size
+
+
+def make_split(n_images, s):
+    """(train indices, validation indices): a permutation keyed on the seed, then cut."""
+    order = np.random.default_rng([s["seed"], 0]).permutation(n_images)
+    n_val = validation_size(n_images, s["val_set_fraction"], s["minibatch_size"]) if s["create_val_set"] else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def epoch_order(s, epoch, n_train):
+    """The shuffled order of training images in one epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([s["seed"], 1, epoch]).permutation(n_train)
+
+
+class Data:
+    """Training, validation and test arrays of one run (validation = test when there is no split)."""
+
+    def __init__(self, train, test, split, minibatch_size):
+        (images, labels), (self.test_images, self.test_labels) = train, test
+        train_idx, val_idx = split
+        self.train_images, self.train_labels = images[train_idx], labels[train_idx]
+        if len(val_idx):
+            self.val_images, self.val_labels = images[val_idx], labels[val_idx]
+        else:
+            self.val_images, self.val_labels = self.test_images, self.test_labels
+        self.mbs_per_epoch = len(self.train_images) // minibatch_size
+        self._epoch, self._order = None, None
+
+    def minibatch(self, step, batch_size, s):
+        """Images and labels of training step `step` (1-based); reshuffled every epoch."""
+        epoch, position = divmod(step - 1, self.mbs_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, epoch_order(s, epoch, len(self.train_images))
+        idx = self._order[position * batch_size:(position + 1) * batch_size]
+        return self.train_images[idx], self.train_labels[idx]
+
+
+def check_data_fits(s, n_train_images):
+    """UserError when the split leaves no full training minibatch."""
+    n_val = validation_size(n_train_images, s["val_set_fraction"], s["minibatch_size"]) \
+        if s["create_val_set"] else 0
+    if n_train_images - n_val < s["minibatch_size"]:
+        raise UserError(f"-minibatch_size {s['minibatch_size']}: larger than the {n_train_images - n_val} "
+                        f"training images left after a validation split of {n_val}")
+
+
+# ---------------------------------------------------------------- schedules
+
+def learning_rate(s, step, mbs_per_epoch):
+    """Learning rate of training step `step` (1-based)."""
+    done = step - 1
+    kind = s["lr_schedule_type"]
+    if kind == "constant":
+        return s["lr"]
+    if kind == "decay":
+        return s["lr"] / (1.0 + s["lr_decay"] * done)
+    if kind == "linear":
+        return s["lr"] + (s["lr_lin_min"] - s["lr"]) * min(done / s["lr_lin_steps"], 1.0)
+    if kind == "step":
+        epoch = done // mbs_per_epoch
+        return s["lr"] * float(np.prod([m for e, m in zip(s["lr_step_ep"], s["lr_step_multi"]) if epoch >= e]))
+    raise ValueError(f"unknown learning-rate schedule '{kind}'")
+
+
+def checkpoint_mbs(s, mbs_per_epoch):
+    """Minibatches with a checkpoint: 0, every k epochs, and the last (only the last without -create_checkpoints)."""
+    n = s["n_minibatches"]
+    if not s["create_checkpoints"]:
+        return {n}
+    every = s["epochs_between_checkpoints"] * mbs_per_epoch
+    return set(range(0, n, every)) | {n}
+
+
+def evenly_spaced(n_points, n_minibatches):
+    return set(np.unique(np.round(np.linspace(0, n_minibatches, n_points))).astype(int).tolist()) \
+        if n_points > 0 else set()
+
+
+def validation_mbs(s, mbs_per_epoch):
+    n = s["n_minibatches"]
+    return set(range(0, n, s["val_every"])) | {n} | checkpoint_mbs(s, mbs_per_epoch)
+
+
+# ---------------------------------------------------------------- recorder
+
+RECORD_LISTS = ("train_loss_hist train_top1_hist train_mb_n_hist val_loss_hist val_top1_hist val_top5_hist "
+                "val_apc_hist val_af_weights_hist val_preact_stats_hist val_mb_n_hist checkpoints "
+                "val_top1_smoothed test_mb_n_hist").split()
+
+
+def new_recorder(s, mbs_per_epoch):
+    record = {key: [] for key in RECORD_LISTS}
+    record.update(experiment_name=s["experiment_name"], spec_name=s["spec_name"], run=s["run"],
+                  settings=dict(s), mbs_per_epoch=mbs_per_epoch, mb_count_total=0, ep_count_total=0,
+                  early_stopping_mb=None, test_loss=None, test_top1=None, test_top5=None, test_apc=None,
+                  training_completed=False, test_completed=False, diverged=False, diverged_at_mb=None)
+    return record
+
+
+# ---------------------------------------------------------------- evaluation (validation and test)
+
+def per_class_accuracy(predictions, labels, n_classes):
+    hits = np.bincount(labels, weights=(predictions == labels), minlength=n_classes)
+    counts = np.bincount(labels, minlength=n_classes)
+    return np.divide(hits, counts, out=np.full(n_classes, np.nan), where=counts > 0)
+
+
+def evaluate(sess, model, images, labels, s):
+    """Loss, top-1, top-5, per-class accuracy and pre-activation statistics over a whole set."""
+    n, totals = len(images), np.zeros(3)
+    predictions = np.empty(n, np.int64)
+    moments = {name: np.zeros(2) for name in model.preact_stats}
+    feed_base = {model.inputs.keep_probs: s["dropout_keep_probs_inference"]}
+    for start in range(0, n, EVAL_BATCH):
+        batch = slice(start, min(start + EVAL_BATCH, n))
+        feed = {model.inputs.images: images[batch], model.inputs.labels: labels[batch], **feed_base}
+        loss, top1, top5, pred, stats = sess.run(
+            [model.cross_entropy, model.top1, model.top5, model.predictions, model.preact_stats], feed)
+        size = batch.stop - batch.start
+        totals += size * np.array([loss, top1, top5])
+        predictions[batch] = pred
+        for name, (mean, var) in stats.items():
+            moments[name] += size * np.array([mean, var + mean ** 2])
+    loss, top1, top5 = totals / n
+    preact = {name: {"mean": float(m / n), "std": float(np.sqrt(max(sq / n - (m / n) ** 2, 0.0)))}
+              for name, (m, sq) in moments.items()}
+    return dict(loss=float(loss), top1=float(top1), top5=float(top5),
+                apc=per_class_accuracy(predictions, labels, N_CLASSES[s["task"]]), preact=preact)
+
+
+# ---------------------------------------------------------------- post-hoc early stopping
+
+def smoothing_window(n_minibatches):
+    return min(2000, max(n_minibatches / 10, 500))
+
+
+def smooth(mbs, values, window, passes=SMOOTHING_PASSES):
+    """Moving average over all points within window/2 minibatches (fewer at the ends), `passes` times."""
+    mbs, values = np.asarray(mbs, float), np.asarray(values, float)
+    lo = np.searchsorted(mbs, mbs - window / 2, side="left")
+    hi = np.searchsorted(mbs, mbs + window / 2, side="right")
+    for _ in range(passes):
+        sums = np.concatenate([[0.0], np.cumsum(values)])
+        values = (sums[hi] - sums[lo]) / (hi - lo)
+    return values
+
+
+def checkpoint_scores(record, window):
+    """(smoothed validation accuracy at each checkpoint, the whole smoothed curve)."""
+    smoothed = smooth(record["val_mb_n_hist"], record["val_top1_hist"], window)
+    index = {mb: i for i, mb in enumerate(record["val_mb_n_hist"])}
+    return {c: smoothed[index[c]] for c in record["checkpoints"]}, smoothed
+
+
+def _best(scores, candidates):
+    """Highest score; ties go to the later checkpoint (the longer-trained model)."""
+    return max(candidates, key=lambda c: (scores[c], c))
+
+
+def checkpoints_to_keep(record, window):
+    """Checkpoints that can still win post-hoc early stopping.
+
+    A checkpoint's smoothed score is final once the validation curve extends passes*window/2
+    beyond it; among the final ones only the best can still win.
+    """
+    scores, _ = checkpoint_scores(record, window)
+    horizon = SMOOTHING_PASSES * window / 2
+    last = record["val_mb_n_hist"][-1]
+    final = [c for c in record["checkpoints"] if c + horizon <= last]
+    keep = {c for c in record["checkpoints"] if c + horizon > last}
+    return keep | ({_best(scores, final)} if final else set())
+
+
+def early_stopping_mb(record, window):
+    """(tested checkpoint, smoothed curve): the best smoothed validation accuracy; the last
+    checkpoint when there is no validation split."""
+    if not record["settings"]["create_val_set"]:
+        return record["checkpoints"][-1], []
+    scores, smoothed = checkpoint_scores(record, window)
+    return _best(scores, record["checkpoints"]), smoothed.tolist()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def checkpoint_dirs(models_dir):
+    """{mb: folder} of the complete checkpoints (temporary folders are ignored)."""
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(models_dir), "ckpt_mb_*")):
+        match = re.fullmatch(r"ckpt_mb_(\d+)", os.path.basename(path))
+        if match and os.path.isfile(os.path.join(path, "recorder.pkl")):
+            found[int(match.group(1))] = path
+    return found
+
+
+def remove_partial_checkpoints(models_dir):
+    for path in glob.glob(os.path.join(glob.escape(models_dir), ".tmp_ckpt_*")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Checkpointer:
+    """Writes checkpoint folders atomically and prunes what can no longer be needed."""
+
+    def __init__(self, model, models_dir):
+        self.models_dir = models_dir
+        self.state_saver = tf.train.Saver(tf.global_variables(), max_to_keep=None, save_relative_paths=True)
+        self.model_saver = tf.train.Saver(model.model_variables, max_to_keep=None, save_relative_paths=True)
+
+    def save(self, sess, record, mb, with_model):
+        final = os.path.join(self.models_dir, f"ckpt_mb_{mb}")
+        tmp = os.path.join(self.models_dir, f".tmp_ckpt_mb_{mb}_{os.getpid()}")
+        os.makedirs(tmp, exist_ok=True)
+        try:
+            self.state_saver.save(sess, os.path.join(tmp, "state"), write_meta_graph=False, write_state=False)
+            if with_model:
+                self.model_saver.save(sess, os.path.join(tmp, "model"), write_meta_graph=False,
+                                      write_state=False)
+            save_pickle(os.path.join(tmp, "recorder.pkl"), record)
+            _fsync_dir(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.models_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def restore_state(self, sess, folder):
+        self.state_saver.restore(sess, os.path.join(folder, "state"))
+
+    def restore_model(self, sess, folder):
+        self.model_saver.restore(sess, os.path.join(folder, "model"))
+
+    def prune(self, keep_models, keep_state_mb):
+        """Delete state files of all but the newest checkpoint, and folders no longer needed."""
+        for mb, folder in checkpoint_dirs(self.models_dir).items():
+            if mb == keep_state_mb:
+                continue
+            if mb not in keep_models:
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            for path in glob.glob(os.path.join(glob.escape(folder), "state.*")):
+                os.remove(path)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- saving weights
+
+def save_af_weights(sess, model, s, mb):
+    content = {"af_set": s["af_set"], "blend_mode": s["blend_mode"], "mb": mb, "spec_name": s["spec_name"],
+               "run": s["run"], "layers": net.read_af_weights(sess, model.endpoints)}
+    save_pickle(net.af_weights_path(experiment_dir(s), s["spec_name"], s["run"], mb), content)
+    save_json(net.af_weights_path(experiment_dir(s), s["spec_name"], s["run"], mb, "json"), content)
+
+
+def save_all_weights(sess, s, mb):
+    values = sess.run({v.op.name: v for v in tf.trainable_variables()})
+    path = os.path.join(run_paths(s)["all_weights"], f"all_weights_{s['spec_name']}_run_{s['run']}_mb_{mb}.pkl")
+    save_pickle(path, values)
+
+
+# ---------------------------------------------------------------- reports
+
+def write_run_info(s, record, status):
+    lines = [f"experiment: {s['experiment_name']}", f"spec: {s['spec_name']}", f"run: {s['run']}",
+             f"status: {status}", f"training completed: {record['training_completed']}",
+             f"test completed: {record['test_completed']}", f"diverged: {record['diverged']}",
+             f"minibatches done: {record['mb_count_total']} / {s['n_minibatches']}",
+             f"early-stopping minibatch: {record['early_stopping_mb']}",
+             f"test top-1: {record['test_top1']}", "", "settings:"]
+    lines += [f"  {key} = {value}" for key, value in sorted(s.items())]
+    save_text(run_paths(s)["run_info"], "\n".join(lines) + "\n")
+
+
+def _plot_to(path, draw):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(9, 5))
+    draw(fig.gca())
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_learning_curves(record, path):
+    def draw(ax):
+        ax.plot(record["train_mb_n_hist"], record["train_top1_hist"], lw=0.5, alpha=0.5, label="train top-1")
+        ax.plot(record["val_mb_n_hist"], record["val_top1_hist"], lw=1.5, label="validation top-1")
+        ax.set(xlabel="minibatch", ylabel="accuracy", title=f"{record['spec_name']} run {record['run']}")
+        ax.legend()
+    _plot_to(path, draw)
+
+
+def plot_early_stopping(record, smoothed, path):
+    def draw(ax):
+        ax.plot(record["val_mb_n_hist"], record["val_top1_hist"], lw=0.8, alpha=0.6, label="validation top-1")
+        if len(smoothed):
+            ax.plot(record["val_mb_n_hist"], smoothed, lw=2, label="smoothed")
+        for c in record["checkpoints"]:
+            ax.axvline(c, color="grey", lw=0.5, alpha=0.5)
+        ax.axvline(record["early_stopping_mb"], color="red", lw=1.5,
+                   label=f"tested: mb {record['early_stopping_mb']} (test top-1 {record['test_top1']:.4f})")
+        ax.set(xlabel="minibatch", ylabel="accuracy", title=f"early stopping: {record['spec_name']} run {record['run']}")
+        ax.legend()
+    _plot_to(path, draw)
+
+
+def _clock(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------- locking and signals
+
+class RunLock:
+    """An exclusive flock on the run folder: released by the OS when the process dies."""
+
+    def __init__(self, path):
+        self.path, self.handle = path, None
+
+    @staticmethod
+    def holder(path):
+        """Who holds the lock at path ('' if nobody)."""
+        if not os.path.exists(path):
+            return ""
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                return handle.read().strip() or "another process"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return ""
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            other = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise UserError(f"{os.path.dirname(self.path)}: this run is already running ({other})") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+        self.handle.flush()
+
+
+class StopRequest:
+    """SIGTERM / Ctrl-C set a flag; the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def release(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+
+
+class Diverged(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- the run
+
+def prepare(s):
+    """Check everything that can be checked before anything is written (UserError on problems)."""
+    for path in data_files(s):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: preprocessed data not found (run deepnet_task_cifar_preprocessing.py "
+                            f"--task {s['task']} --variant {s['preprocessing']} --root {s['path_relative']})")
+    paths = run_paths(s)
+    holder = RunLock.holder(paths["lock"])
+    if holder:
+        raise UserError(f"{paths['run_dir']}: this run is already running ({holder})")
+    af_init = None
+    if s["af_weights_init"] == "predefined":
+        af_init = net.predefined_af_init(experiment_dir(s), s["load_af_weights_from"], s["run"],
+                                         s["network"], s["af_set"], s["norm_blendw_at_init"])
+    return paths, af_init
+
+
+def read_state(paths):
+    """('complete'|'diverged'|'resume'|'fresh'|'orphan', record or None)."""
+    record = load_pickle(paths["record"]) if os.path.isfile(paths["record"]) else None
+    if record is not None and record.get("test_completed"):
+        return "complete", record
+    if record is not None and record.get("diverged"):
+        return "diverged", record
+    if checkpoint_dirs(paths["models"]):
+        return "resume", record
+    if os.path.exists(paths["run_info"]):
+        return "orphan", record
+    return "fresh", None
+
+
+def finish_cleanup(paths, record):
+    """Keep only the tested model; drop the split (idempotent)."""
+    keep = record["early_stopping_mb"]
+    for mb, folder in checkpoint_dirs(paths["models"]).items():
+        if mb != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            for path in glob.glob(os.path.join(glob.escape(folder), "state.*")):
+                os.remove(path)
+    remove_partial_checkpoints(paths["models"])
+    if os.path.exists(paths["split"]):
+        os.remove(paths["split"])
+    for path in glob.glob(os.path.join(glob.escape(paths["run_dir"]), "run_incomplete_mb_*.txt")):
+        os.remove(path)
+
+
+def enable_determinism():
+    """Same flags and seed give the same numbers: deterministic kernels (seeds are set per graph)."""
+    import tensorflow
+    tensorflow.config.experimental.enable_op_determinism()
+
+
+def run_training(s, out=print):
+    """-mode training: train (or resume), then early-stop and test. Returns the process exit status."""
+    paths, af_init = prepare(s)
+    enable_determinism()
+    state, record = read_state(paths)
+    tag = f"{s['spec_name']}/run {s['run']}"
+    if state == "complete":
+        with _locked(paths):
+            finish_cleanup(paths, record)
+        out(f"{tag}: already complete (test top-1 {record['test_top1']:.4f} at mb "
+            f"{record['early_stopping_mb']}); nothing to do")
+        return 0
+    if state == "diverged":
+        out(f"{tag}: diverged at minibatch {record['diverged_at_mb']} (see {paths['run_info']}); nothing to do")
+        return 1
+    if state == "orphan":
+        raise UserError(f"{paths['run_dir']}: has run info but no checkpoint; refusing to overwrite it "
+                        "(move it away or choose another -experiment_name/-run)")
+    n_classes = N_CLASSES[s["task"]]
+    train_path, test_path = data_files(s)
+    train = load_dataset(train_path, n_classes)
+    test = load_dataset(test_path, n_classes)
+    check_data_fits(s, len(train[1]))
+    split = load_pickle(paths["split"]) if state == "resume" and os.path.exists(paths["split"]) \
+        else make_split(len(train[1]), s)
+    data = Data(train, test, split, s["minibatch_size"])
+    del train
+    with _locked(paths):
+        if not os.path.exists(paths["split"]):
+            save_pickle(paths["split"], split)
+        remove_partial_checkpoints(paths["models"])
+        return Trainer(s, paths, data, af_init, out).run()
+
+
+class _locked:
+    def __init__(self, paths):
+        self.lock = RunLock(paths["lock"])
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.handle.close()
+
+
+class Trainer:
+    """One run's training loop, validation, checkpoints and final test."""
+
+    def __init__(self, s, paths, data, af_init, out):
+        self.s, self.paths, self.data, self.out = s, paths, data, out
+        self.window = smoothing_window(s["n_minibatches"])
+        mbs_per_epoch = data.mbs_per_epoch
+        self.ckpt_mbs = checkpoint_mbs(s, mbs_per_epoch)
+        self.val_mbs = validation_mbs(s, mbs_per_epoch)
+        self.af_mbs = evenly_spaced(s["safe_af_ws_n"], s["n_minibatches"])
+        self.all_mbs = evenly_spaced(s["safe_all_ws_n"], s["n_minibatches"])
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            settings = dict(s, n_classes=N_CLASSES[s["task"]])
+            self.model = net.build_model(settings, af_init)
+            self.checkpointer = Checkpointer(self.model, paths["models"])
+            self.init_op = tf.global_variables_initializer()
+        self.graph.finalize()
+        self.sess = tf.Session(graph=self.graph)
+        self.writer = tf.summary.FileWriter(paths["summaries"])
+        self.started = time.time()
+        self.timing = {"mb": [], "val": []}
+
+    def run(self):
+        try:
+            return self._run()
+        finally:
+            self.writer.close()
+            self.sess.close()
+
+    def _run(self):
+        s, paths = self.s, self.paths
+        found = checkpoint_dirs(paths["models"])
+        if found:
+            latest = max(found)
+            self.record = load_pickle(os.path.join(found[latest], "recorder.pkl"))
+            self.checkpointer.restore_state(self.sess, found[latest])
+            self.out(f"{s['spec_name']}/run {s['run']}: resuming from minibatch {latest}")
+        else:
+            self.record = new_recorder(s, self.data.mbs_per_epoch)
+            self.sess.run(self.init_op)
+            self._validate(0)
+            self._save_weights(0)
+            self._checkpoint(0)
+        for path in glob.glob(os.path.join(glob.escape(paths["run_dir"]), "run_incomplete_mb_*.txt")):
+            os.remove(path)
+        if not self.record["training_completed"]:
+            status = self._train()
+            if status is not None:
+                return status
+        return self._test()
+
+    def _train(self):
+        s, model, record = self.s, self.model, self.record
+        stop = StopRequest()
+        inputs = model.inputs
+        keep_probs = s["dropout_keep_probs"]
+        fetch = [model.train_op, model.cross_entropy, model.top1]
+        fetch_with_summary = fetch + [model.train_summaries]
+        session_start_mb = record["mb_count_total"]
+        interval_start = time.time()
+        for step in range(record["mb_count_total"] + 1, s["n_minibatches"] + 1):
+            images, labels = self.data.minibatch(step, s["minibatch_size"], s)
+            feed = {inputs.images: images, inputs.labels: labels, inputs.keep_probs: keep_probs,
+                    inputs.training: True, inputs.step: step,
+                    inputs.lr: learning_rate(s, step, self.data.mbs_per_epoch)}
+            summarise = step % s["val_every"] == 0
+            results = self.sess.run(fetch_with_summary if summarise else fetch, feed)
+            loss, top1 = float(results[1]), float(results[2])
+            if summarise:
+                self.writer.add_summary(results[3], step)
+            if not np.isfinite(loss):
+                return self._diverged(step, loss)
+            record["train_mb_n_hist"].append(step)
+            record["train_loss_hist"].append(loss)
+            record["train_top1_hist"].append(top1)
+            record["mb_count_total"] = step
+            record["ep_count_total"] = step // self.data.mbs_per_epoch
+            if step in self.val_mbs:
+                self.timing["mb"].append((time.time() - interval_start) / max(step - session_start_mb, 1))
+                self._validate(step)
+                session_start_mb, interval_start = step, time.time()
+            self._save_weights(step)
+            if step in self.ckpt_mbs:
+                record["training_completed"] = step == s["n_minibatches"]
+                self._checkpoint(step)
+                if not record["training_completed"] and self._walltime_exceeded(step):
+                    return self._leave_incomplete(step)
+            if stop.signal is not None:
+                return self._interrupted(step, stop.signal)
+        stop.release()
+        return None
+
+    def _validate(self, mb):
+        s, record = self.s, self.record
+        began = time.time()
+        result = evaluate(self.sess, self.model, self.data.val_images, self.data.val_labels, s)
+        record["val_mb_n_hist"].append(mb)
+        record["val_loss_hist"].append(result["loss"])
+        record["val_top1_hist"].append(result["top1"])
+        record["val_top5_hist"].append(result["top5"])
+        record["val_apc_hist"].append(result["apc"])
+        record["val_preact_stats_hist"].append(result["preact"])
+        record["val_af_weights_hist"].append(net.read_af_weights(self.sess, self.model.endpoints))
+        if self.model.val_summaries is not None:
+            feed = {self.model.inputs.images: self.data.val_images[:EVAL_BATCH],
+                    self.model.inputs.keep_probs: s["dropout_keep_probs_inference"]}
+            self.writer.add_summary(self.sess.run(self.model.val_summaries, feed), mb)
+        self.writer.add_summary(tf.Summary(value=[
+            tf.Summary.Value(tag=f"validation/{key}", simple_value=result[key]) for key in ("loss", "top1", "top5")
+        ]), mb)
+        self.timing["val"].append(time.time() - began)
+        self.out(self._status_line(mb))
+
+    def _status_line(self, mb):
+        s, record = self.s, self.record
+        n = s["n_minibatches"]
+        train = record["train_top1_hist"][-s["val_every"]:]
+        val = record["val_top1_hist"]
+        per_mb = np.mean(self.timing["mb"][-5:]) if self.timing["mb"] else float("nan")
+        per_val = np.mean(self.timing["val"][-5:])
+        left = (n - mb) * (per_mb if np.isfinite(per_mb) else 0) + \
+            len([m for m in self.val_mbs if m > mb]) * per_val
+        elapsed = time.time() - self.started
+        walltime = _clock(s["walltime"] * 60 - elapsed) if s["walltime"] else "-"
+        rss = psutil.Process().memory_info().rss / 2 ** 30
+        train_text = f"{train[-1]:.3f} (mean {np.mean(train):.3f})" if train else "-"
+        return (f"{s['spec_name']}/run {s['run']} | mb {mb}/{n} | lr {learning_rate(s, max(mb, 1), self.data.mbs_per_epoch):.2e}"
+                f" | train {train_text} | val {val[-1]:.3f} (mean {np.mean(val[-5:]):.3f})"
+                f" | {per_mb * 1000:.0f} ms/mb, val {per_val:.1f} s | total {_clock(elapsed)}, left {_clock(left)}"
+                f" | walltime left {walltime} | mem {rss:.2f} GB")
+
+    def _save_weights(self, mb):
+        if mb in self.af_mbs:
+            save_af_weights(self.sess, self.model, self.s, mb)
+        if mb in self.all_mbs:
+            save_all_weights(self.sess, self.s, mb)
+
+    def _checkpoint(self, mb, scheduled=True):
+        record = self.record
+        if scheduled:
+            record["checkpoints"].append(mb)
+        self.checkpointer.save(self.sess, record, mb, with_model=scheduled)
+        keep = checkpoints_to_keep(record, self.window) if record["settings"]["create_val_set"] \
+            else set(record["checkpoints"][-1:])
+        self.checkpointer.prune(keep, keep_state_mb=mb)
+        save_pickle(self.paths["record"], record)
+        write_run_info(self.s, record, "training" if not record["training_completed"] else "testing")
+        if self.s["create_lc_on_the_fly"]:
+            plot_learning_curves(record, self.paths["learning_curves"])
+
+    def _walltime_exceeded(self, mb):
+        if not self.s["walltime"]:
+            return False
+        upcoming = [m for m in self.ckpt_mbs if m > mb]
+        per_mb = np.mean(self.timing["mb"]) if self.timing["mb"] else 0.0
+        n_val = len([m for m in self.val_mbs if mb < m <= min(upcoming)])
+        needed = (min(upcoming) - mb) * per_mb + n_val * np.mean(self.timing["val"]) + 60
+        return time.time() - self.started + needed > self.s["walltime"] * 60
+
+    def _leave_incomplete(self, mb):
+        path = os.path.join(self.paths["run_dir"], f"run_incomplete_mb_{mb}.txt")
+        save_text(path, f"walltime of {self.s['walltime']} min reached at minibatch {mb}; run the same "
+                        "command again to resume from the latest checkpoint\n")
+        self.out(f"{self.s['spec_name']}/run {self.s['run']}: stopping at minibatch {mb} before the walltime "
+                 "runs out; run the same command again to resume")
+        return 0
+
+    def _interrupted(self, mb, signum):
+        if mb not in self.ckpt_mbs:
+            self._checkpoint(mb, scheduled=False)
+        name = signal.Signals(signum).name
+        self.out(f"{self.s['spec_name']}/run {self.s['run']}: {name} received; checkpoint written at minibatch "
+                 f"{mb}; run the same command again to resume")
+        return 128 + signum
+
+    def _diverged(self, mb, loss):
+        record = self.record
+        record.update(diverged=True, diverged_at_mb=mb)
+        save_pickle(self.paths["record"], record)
+        write_run_info(self.s, record, f"diverged at minibatch {mb} (loss {loss})")
+        self.out(f"{self.s['spec_name']}/run {self.s['run']}: training diverged at minibatch {mb} "
+                 f"(loss {loss}); stopped")
+        return 1
+
+    def _test(self):
+        s, record, paths = self.s, self.record, self.paths
+        best, smoothed = early_stopping_mb(record, self.window)
+        folder = checkpoint_dirs(paths["models"])[best]
+        self.checkpointer.restore_model(self.sess, folder)
+        result = evaluate(self.sess, self.model, self.data.test_images, self.data.test_labels, s)
+        record.update(early_stopping_mb=best, val_top1_smoothed=smoothed, test_mb_n_hist=[best],
+                      test_loss=result["loss"], test_top1=result["top1"], test_top5=result["top5"],
+                      test_apc=result["apc"], test_completed=True)
+        if s["save_af_weights_at_test_mb"]:
+            save_af_weights(self.sess, self.model, s, best)
+        if s["save_all_weights_at_test_mb"]:
+            save_all_weights(self.sess, s, best)
+        plot_early_stopping(record, smoothed, paths["early_stopping"])
+        if s["create_lc_on_the_fly"]:
+            plot_learning_curves(record, paths["learning_curves"])
+        save_pickle(paths["record"], record)
+        write_run_info(s, record, "complete")
+        finish_cleanup(paths, record)
+        self.out(f"{s['spec_name']}/run {s['run']}: test at mb {best}: loss {result['loss']:.4f}, "
+                 f"top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+        return 0
+
+
+def run_test(s, out=print):
+    """-mode test: evaluate the kept model (or the newest checkpoint) of spec/run on the test set."""
+    paths = run_paths(s)
+    found = checkpoint_dirs(paths["models"])
+    with_model = {mb: f for mb, f in found.items() if os.path.isfile(os.path.join(f, "model.index"))}
+    if not with_model:
+        raise UserError(f"{paths['models']}: no saved model for {s['spec_name']} run {s['run']}")
+    record = load_pickle(paths["record"]) if os.path.isfile(paths["record"]) else None
+    mb = record["early_stopping_mb"] if record and record.get("early_stopping_mb") in with_model else max(with_model)
+    test_images, test_labels = load_dataset(data_files(s)[1], N_CLASSES[s["task"]])
+    graph = tf.Graph()
+    with graph.as_default():
+        model = net.build_model(dict(s, n_classes=N_CLASSES[s["task"]]))
+        saver = tf.train.Saver(model.model_variables)
+    with tf.Session(graph=graph) as sess:
+        saver.restore(sess, os.path.join(with_model[mb], "model"))
+        result = evaluate(sess, model, test_images, test_labels, s)
+    out(f"{s['spec_name']}/run {s['run']}: model of minibatch {mb} on {len(test_labels)} test images: "
+        f"loss {result['loss']:.4f}, top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    return 0

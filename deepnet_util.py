@@ -1,0 +1,149 @@
+"""Small shared pieces: quiet TensorFlow import, user errors, safe pickles, atomic writes."""
+import io
+import json
+import os
+import pickle
+import sys
+import tempfile
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit status 2, no traceback."""
+
+
+def fail(message):
+    """Print one error line and exit with status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_cli(main, argv=None):
+    """Call main(argv); turn a UserError into one error line and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as err:
+        fail(str(err))
+
+
+def import_tf():
+    """Import the TF1 graph-mode API with TensorFlow's log spam switched off.
+
+    TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL in recent releases, so stderr is
+    parked in a temporary file during the import and replayed only if the import fails.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as parked:
+        os.dup2(parked.fileno(), 2)
+        try:
+            import tensorflow.compat.v1 as tf
+            tf.get_logger().setLevel(logging.ERROR)
+            if tf.executing_eagerly():
+                tf.disable_v2_behavior()
+        except BaseException:
+            os.dup2(saved_fd, 2)
+            parked.seek(0)
+            sys.stderr.write(parked.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+    return tf
+
+
+# ---------------------------------------------------------------- restricted unpickling
+
+_SAFE_GLOBALS = {
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"), ("builtins", "slice"),
+    ("builtins", "bytearray"), ("builtins", "range"), ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module in ("numpy", "numpy.dtypes") and name.endswith("DType"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global '{module}.{name}' (only numpy arrays and "
+                                     "builtin containers are allowed)")
+
+
+def load_pickle(path, encoding="ASCII"):
+    """Load a pickle that may hold only numpy arrays/dtypes and builtin containers.
+
+    Any problem (missing, truncated, malformed, forbidden content) raises UserError naming the file.
+    Python-2 pickles (the official CIFAR batches) need encoding='bytes'.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path}: {err}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            UnicodeDecodeError, MemoryError, ImportError) as err:
+        raise UserError(f"{path}: not a valid pickle ({type(err).__name__}: {err})") from None
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def atomic_write_bytes(path, data):
+    """Write data to path through a temporary file and a rename: readers see old or new, never half."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pickle(path, obj):
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=4))
+
+
+def save_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+                       .encode())
+
+
+def save_text(path, text):
+    atomic_write_bytes(path, text.encode())
+
+
+def _json_default(value):
+    import numpy as np
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def progress(iterable, total, label, stream=sys.stderr, width=30):
+    """A minimal progress bar for long data work (no extra dependency)."""
+    for i, item in enumerate(iterable, 1):
+        yield item
+        done = int(width * i / max(total, 1))
+        end = "\n" if i == total else ""
+        stream.write(f"\r{label} [{'#' * done}{'.' * (width - done)}] {i}/{total}{end}")
+        stream.flush()
