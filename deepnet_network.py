@@ -76,7 +76,7 @@ def parse_af_set(af_set):
                          "e.g. 1_relu, 5_blend5_swish or 3_relu+tanh+jswish")
     count, body = int(match.group(1)), match.group(2)
     names = NAMED_BLENDS.get(body) or tuple(body.split("+"))
-    unknown = [name for name in names if name not in BASE_FUNCTIONS]
+    unknown = [repr(name) for name in names if name not in BASE_FUNCTIONS]
     if unknown:
         raise ValueError(f"activation set '{af_set}': unknown function(s) {', '.join(unknown)} "
                          f"(known: {', '.join(BASE_FUNCTIONS)}; blends: {', '.join(NAMED_BLENDS)})")
@@ -399,12 +399,15 @@ def predefined_af_init(exp_dir, spec, run, network, af_set, normalize=False):
     n = len(parse_af_set(af_set))
     init = {}
     for name in activated_layers(network):
-        layer = saved.get("layers", {}).get(name) if isinstance(saved, dict) else None
-        if layer is None or np.shape(layer.get("blend_weights_raw")) != (n,):
+        layers = saved.get("layers") if isinstance(saved, dict) else None
+        layer = layers.get(name) if isinstance(layers, dict) else None
+        if not isinstance(layer, dict) or np.shape(layer.get("blend_weights_raw")) != (n,):
             raise UserError(f"{path}: has no {n} blend weights for layer {name} "
                             f"(activation set {af_set}, network {network})")
         weights = np.asarray(layer["blend_weights_raw"], np.float32)
         if normalize:
+            if np.sum(weights) == 0:
+                raise UserError(f"{path}: -norm_blendw_at_init: the blend weights of {name} sum to 0")
             weights = weights / np.sum(weights)
         beta = layer.get("swish_beta")
         init[name] = {"blend_weights": weights, "swish_beta": 1.0 if beta is None else float(beta)}

@@ -1,0 +1,829 @@
+"""Tests for deepnet_network: activations, blend modes, architectures, init, loss, training, AF files.
+
+Every numerical check compares against a reference written here (never BASE_FUNCTIONS or
+activation_numpy), so a bug shared by the graph and the numpy code of the module is still caught.
+"""
+import os
+import sys
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import deepnet_network as dn  # noqa: E402
+from deepnet_util import UserError, save_pickle  # noqa: E402
+
+tf = dn.tf
+
+# ---------------------------------------------------------------- independent references
+
+REF_SELU_ALPHA = 1.6732632423543772
+REF_SELU_SCALE = 1.0507009873554805
+REF_BN_EPS, REF_BN_DECAY = 1e-3, 0.99
+
+
+def ref_relu(x, beta):
+    return np.where(x > 0, x, 0.0)
+
+
+def ref_elu(x, beta):
+    return np.where(x > 0, x, np.exp(np.minimum(x, 0.0)) - 1.0)
+
+
+def ref_tanh(x, beta):
+    with np.errstate(over="ignore"):
+        return 1.0 - 2.0 / (np.exp(2.0 * x) + 1.0)
+
+
+def ref_swish(x, beta):
+    with np.errstate(over="ignore"):
+        return x / (1.0 + np.exp(-beta * x))
+
+
+def ref_identity(x, beta):
+    return x * 1.0
+
+
+def ref_selu(x, beta):
+    return REF_SELU_SCALE * np.where(x > 0, x, REF_SELU_ALPHA * (np.exp(np.minimum(x, 0.0)) - 1.0))
+
+
+REF_FUNCTIONS = {"relu": ref_relu, "jelu": ref_elu, "tanh": ref_tanh, "jswish": ref_swish,
+                 "linu": ref_identity, "selu": ref_selu}
+REF_SETS = {
+    "1_relu": ["relu"], "1_jelu": ["jelu"], "1_tanh": ["tanh"], "1_jswish": ["jswish"],
+    "1_linu": ["linu"], "1_selu": ["selu"],
+    "5_blend5_swish": ["relu", "jelu", "tanh", "jswish", "linu"],
+    "3_relu+tanh+jswish": ["relu", "tanh", "jswish"],
+    "2_selu+linu": ["selu", "linu"],
+}
+MODES = ["unrestricted", "normalized", "posnormed", "absnormed", "softmaxed"]
+# Raw weights with negative entries and sums well away from zero (for 'normalized').
+RAW_WEIGHTS = {1: [-0.3], 2: [-0.6, 1.4], 3: [0.7, -0.5, 1.1], 5: [0.9, -0.4, 0.6, 0.5, -0.2]}
+
+
+def ref_effective(w, mode):
+    w = np.asarray(w, np.float64)
+    if mode == "unrestricted":
+        return w.copy()
+    if mode == "normalized":
+        return w / w.sum()
+    if mode == "posnormed":
+        clipped = np.minimum(np.maximum(w, 1e-4), 1e3)
+        return clipped / clipped.sum()
+    if mode == "absnormed":
+        return w / np.abs(w).sum()
+    if mode == "softmaxed":
+        e = np.exp(w - w.max())
+        return e / e.sum()
+    raise AssertionError(mode)
+
+
+def ref_blend(x, names, raw, beta, mode):
+    eff = ref_effective(raw, mode)
+    x = np.asarray(x, np.float64)
+    return sum(eff[i] * REF_FUNCTIONS[name](x, beta) for i, name in enumerate(names))
+
+
+# ---------------------------------------------------------------- helpers
+
+def make_settings(**overrides):
+    settings = dict(network="smcn", af_set="1_relu", blend_mode="unrestricted", blend_trainable=True,
+                    swish_beta_trainable=True, seed=3, n_classes=10, use_wd=False, wd_lambda=0.0,
+                    optimizer="SGD")
+    settings.update(overrides)
+    return settings
+
+
+@contextmanager
+def session_for(settings, af_init=None):
+    """A fresh graph with build_model(settings), and an initialised session on it."""
+    with tf.Graph().as_default():
+        model = dn.build_model(settings, af_init)
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            yield model, sess
+
+
+def variables_by_name():
+    return {v.op.name: v for v in tf.global_variables()}
+
+
+def images(n=2, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, 32, 32, 3)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- registry and parsing
+
+X_POINTS = np.array([-30.0, -5.0, -1.0, -0.25, -1e-3, 0.0, 1e-3, 0.25, 1.0, 5.0, 30.0])
+
+
+def test_registry_has_the_six_base_functions():
+    assert set(dn.BASE_FUNCTIONS) == {"relu", "jelu", "tanh", "jswish", "linu", "selu"}
+    assert [n for n, f in dn.BASE_FUNCTIONS.items() if f.uses_beta] == ["jswish"]
+
+
+@pytest.mark.parametrize("name", sorted(REF_FUNCTIONS))
+@pytest.mark.parametrize("beta", [1.0, 0.4, 2.5])
+def test_base_function_numpy_values(name, beta):
+    got = dn.BASE_FUNCTIONS[name].numpy(X_POINTS, beta)
+    np.testing.assert_allclose(got, REF_FUNCTIONS[name](X_POINTS, beta), rtol=1e-12, atol=1e-12)
+
+
+def test_base_function_landmarks():
+    x = np.array([-30.0, 0.0, 30.0])
+    expected = {
+        "relu": [0.0, 0.0, 30.0],
+        "jelu": [np.exp(-30.0) - 1.0, 0.0, 30.0],
+        "tanh": [-1.0, 0.0, 1.0],
+        "jswish": [-30.0 / (1 + np.exp(30.0)), 0.0, 30.0 / (1 + np.exp(-30.0))],
+        "linu": [-30.0, 0.0, 30.0],
+        "selu": [-1.0507009873554805 * 1.6732632423543772 * (1 - np.exp(-30.0)), 0.0, 30 * 1.0507009873554805],
+    }
+    for name, values in expected.items():
+        np.testing.assert_allclose(dn.BASE_FUNCTIONS[name].numpy(x, 1.0), values, rtol=1e-12, atol=1e-15,
+                                   err_msg=name)
+
+
+def test_base_function_graph_values_float32_and_float64():
+    with tf.Graph().as_default(), tf.Session() as sess:
+        for dtype, tol in ((tf.float32, 2e-6), (tf.float64, 1e-12)):
+            x = tf.constant(X_POINTS, dtype)
+            beta = tf.constant(1.7, dtype)
+            got = sess.run({n: f.graph(x, beta) for n, f in dn.BASE_FUNCTIONS.items()})
+            for name, values in got.items():
+                np.testing.assert_allclose(values, REF_FUNCTIONS[name](X_POINTS, 1.7), rtol=tol, atol=tol,
+                                           err_msg=f"{name} {dtype}")
+
+
+def test_parse_af_set_values():
+    for af_set, names in REF_SETS.items():
+        assert list(dn.parse_af_set(af_set)) == names
+    assert dn.uses_swish_beta("5_blend5_swish") and dn.uses_swish_beta("3_relu+tanh+jswish")
+    assert not dn.uses_swish_beta("1_relu") and not dn.uses_swish_beta("2_selu+linu")
+
+
+@pytest.mark.parametrize("af_set, message", [
+    ("4_blend5_swish", "count 4"), ("2_relu", "count 2"), ("1_relu+tanh", "count 1"), ("0_relu", "count 0"),
+    ("1_foo", "foo"), ("2_relu+swish", "swish"), ("1_ReLU", "ReLU"), ("relu", "form"), ("", "form"),
+    ("1_", "form"), ("x_relu", "form"), ("6_blend5_swish+selu", "blend5_swish"),
+])
+def test_parse_af_set_rejects(af_set, message):
+    with pytest.raises(ValueError, match=message):
+        dn.parse_af_set(af_set)
+
+
+def test_unknown_blend_mode_raises_everywhere():
+    with pytest.raises(ValueError, match="blend mode 'foo'"):
+        dn.effective_weights_numpy([1.0], "foo")
+    with pytest.raises(ValueError, match="blend mode 'foo'"):
+        dn.activation_numpy([1.0], "1_relu", [1.0], blend_mode="foo")
+    with tf.Graph().as_default():
+        with pytest.raises(ValueError, match="blend mode 'foo'"):
+            dn.activation(tf.zeros([3]), "1_relu", [1.0], blend_mode="foo")
+        with pytest.raises(ValueError, match="blend mode 'foo'"):
+            dn.inference(dn.make_inputs(), make_settings(blend_mode="foo"))
+
+
+def test_wrong_number_of_blend_weights_raises():
+    with pytest.raises(ValueError, match="blend weights"):
+        dn.activation_numpy([1.0], "5_blend5_swish", [0.2] * 4)
+    with tf.Graph().as_default():
+        with pytest.raises(ValueError, match="blend weights"):
+            dn.activation(tf.zeros([3]), "1_relu", [0.2, 0.3, 0.5])
+        with pytest.raises(ValueError, match="blend weights"):
+            dn.activation(tf.zeros([3]), "5_blend5_swish", [0.2] * 6)
+        with pytest.raises(ValueError, match="blend weights"):
+            dn.activation(tf.zeros([3]), "1_relu", 1.0)
+        dn.activation(tf.zeros([3]), "2_relu+tanh", tf.placeholder(tf.float32, [None]))  # unknown length: fine
+
+
+# ---------------------------------------------------------------- blend modes
+
+BLEND_CASES = [
+    [0.9, -0.4, 0.6, 0.5, -0.2],
+    [-0.6, 1.4],
+    [2000.0, 0.5, -3.0],  # posnormed clips both ends
+    [-2.0, -1.0, -0.5],   # all negative
+    [0.3],
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_effective_weights_numpy_and_graph(mode):
+    with tf.Graph().as_default(), tf.Session() as sess:
+        for raw in BLEND_CASES:
+            want = ref_effective(raw, mode)
+            np.testing.assert_allclose(dn.effective_weights_numpy(raw, mode), want, rtol=1e-12)
+            got = sess.run(dn.effective_weights(tf.constant(raw, tf.float64), mode))
+            np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=str(raw))
+
+
+def test_effective_weights_hand_values():
+    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 1.0], "posnormed"),
+                               [1e-4 / (1 + 1e-4), 1 / (1 + 1e-4)])
+    np.testing.assert_allclose(dn.effective_weights_numpy([5000.0, 1000.0], "posnormed"), [0.5, 0.5])
+    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 3.0], "absnormed"), [-0.25, 0.75])
+    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 3.0], "normalized"), [-0.5, 1.5])
+    np.testing.assert_allclose(dn.effective_weights_numpy([0.0, np.log(3.0)], "softmaxed"), [0.25, 0.75])
+    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 3.0], "unrestricted"), [-1.0, 3.0])
+
+
+# ---------------------------------------------------------------- blended activation values
+
+X_ACT = np.concatenate([X_POINTS, np.linspace(-4, 4, 17)])
+
+
+def test_activation_graph_equals_numpy_and_reference():
+    beta = 1.6
+    fetches = {}
+    with tf.Graph().as_default(), tf.Session() as sess:
+        x = tf.constant(X_ACT, tf.float32)
+        for af_set, names in REF_SETS.items():
+            for mode in MODES:
+                raw = RAW_WEIGHTS[len(names)]
+                fetches[af_set, mode] = dn.activation(x, af_set, tf.constant(raw, tf.float32),
+                                                      tf.constant(beta, tf.float32), mode)
+        got = sess.run(fetches)
+    for (af_set, mode), values in got.items():
+        raw = RAW_WEIGHTS[len(REF_SETS[af_set])]
+        want = ref_blend(X_ACT, REF_SETS[af_set], raw, beta, mode)
+        numpy_values = dn.activation_numpy(X_ACT, af_set, raw, beta, mode)
+        np.testing.assert_allclose(numpy_values, want, rtol=1e-12, atol=1e-12, err_msg=f"{af_set} {mode}")
+        np.testing.assert_allclose(values, want, rtol=2e-5, atol=2e-5, err_msg=f"{af_set} {mode}")
+        assert values.dtype == np.float32
+
+
+def test_abu_component_order():
+    """One-hot weights pick relu, elu, tanh, swish, identity in that order."""
+    x = np.linspace(-3, 3, 13)
+    order = [ref_relu, ref_elu, ref_tanh, ref_swish, ref_identity]
+    with tf.Graph().as_default(), tf.Session() as sess:
+        outs = [dn.activation(tf.constant(x), "5_blend5_swish", np.eye(5)[i], 0.7) for i in range(5)]
+        got = sess.run(outs)
+    for i, ref in enumerate(order):
+        np.testing.assert_allclose(got[i], ref(x, 0.7), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dn.activation_numpy(x, "5_blend5_swish", np.eye(5)[i], 0.7), ref(x, 0.7),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_activation_defaults_beta_one_and_unrestricted():
+    x = np.linspace(-3, 3, 7)
+    raw = [0.5, 2.0, -1.0]
+    with tf.Graph().as_default(), tf.Session() as sess:
+        got = sess.run(dn.activation(tf.constant(x), "3_relu+tanh+jswish", raw))
+    np.testing.assert_allclose(got, ref_blend(x, ["relu", "tanh", "jswish"], raw, 1.0, "unrestricted"),
+                               rtol=1e-12)
+
+
+def test_activation_accepts_float32_variables_and_gradients_reach_them():
+    with tf.Graph().as_default(), tf.Session() as sess:
+        w = tf.Variable([0.2] * 5, dtype=tf.float32)
+        b = tf.Variable(1.0, dtype=tf.float32)
+        out = dn.activation(tf.constant([-1.0, 0.5, 2.0]), "5_blend5_swish", w, b, "softmaxed")
+        grads = tf.gradients(tf.reduce_sum(out), [w, b])
+        sess.run(tf.global_variables_initializer())
+        gw, gb = sess.run(grads)
+    assert np.all(np.isfinite(gw)) and np.any(gw != 0) and gb != 0
+
+
+# ---------------------------------------------------------------- gradients (float64, finite differences)
+
+GRAD_SETS = ["5_blend5_swish", "3_relu+tanh+jswish", "1_jswish", "2_selu+linu", "1_jelu"]
+X_GRAD = np.array([-3.1, -1.2, -0.4, 0.35, 0.9, 2.7])
+H = 1e-6
+
+
+def central_difference(f, value, h=H):
+    value = np.array(value, np.float64)
+    grad = np.zeros_like(value)
+    for i in np.ndindex(value.shape):
+        up, down = value.copy(), value.copy()
+        up[i] += h
+        down[i] -= h
+        grad[i] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+def test_activation_gradients_match_finite_differences():
+    beta = 1.3
+    coef = np.random.default_rng(1).normal(size=X_GRAD.shape)
+    graphs = {}
+    with tf.Graph().as_default(), tf.Session() as sess:
+        for af_set in GRAD_SETS:
+            for mode in MODES:
+                x = tf.constant(X_GRAD, tf.float64)
+                w = tf.constant(RAW_WEIGHTS[len(REF_SETS[af_set])], tf.float64)
+                b = tf.constant(beta, tf.float64)
+                out = dn.activation(x, af_set, w, b, mode)
+                assert out.dtype == tf.float64
+                grads = tf.gradients(tf.reduce_sum(coef * out), [x, w, b])
+                graphs[af_set, mode] = [g if g is not None else tf.constant(0.0, tf.float64) for g in grads]
+        got = sess.run(graphs)
+    for (af_set, mode), (gx, gw, gb) in got.items():
+        names, raw = REF_SETS[af_set], RAW_WEIGHTS[len(REF_SETS[af_set])]
+
+        def objective(x=X_GRAD, w=raw, b=beta):
+            return float(np.sum(coef * ref_blend(x, names, w, b, mode)))
+
+        label = f"{af_set} {mode}"
+        np.testing.assert_allclose(gx, central_difference(lambda v: objective(x=v), X_GRAD),
+                                   rtol=1e-6, atol=1e-8, err_msg=label + " d/dx")
+        np.testing.assert_allclose(gw, central_difference(lambda v: objective(w=v), raw),
+                                   rtol=1e-6, atol=1e-8, err_msg=label + " d/dw")
+        np.testing.assert_allclose(gb, central_difference(lambda v: objective(b=float(v)), beta),
+                                   rtol=1e-6, atol=1e-8, err_msg=label + " d/dbeta")
+
+
+def test_swish_beta_gradient_is_nonzero_only_with_swish():
+    with tf.Graph().as_default():
+        b = tf.constant(1.0, tf.float64)
+        x = tf.constant(X_GRAD, tf.float64)
+        assert tf.gradients(dn.activation(x, "2_selu+linu", [0.5, 0.5], b), b) == [None]
+        assert tf.gradients(dn.activation(x, "1_jswish", [1.0], b), b)[0] is not None
+
+
+# ---------------------------------------------------------------- architectures
+
+EXPECTED_ARCHITECTURES = {
+    "smcn": [("conv", 5, 64), ("dropout",), ("conv", 3, 64), ("maxpool", 3, 2), ("conv", 1, 64), ("dropout",),
+             ("conv", 5, 64), ("maxpool", 3, 2), ("dense", 384), ("dropout",), ("dense", 192), ("logits",)],
+    "smcnLin": [("conv", 5, 64), ("conv", 3, 64), ("avgpool", 2, 2), ("conv", 1, 64), ("conv", 5, 64),
+                ("avgpool", 2, 2), ("dense", 384), ("dense", 192), ("logits",)],
+    "smcnDeep": [("conv", 5, 64), ("dropout",), ("conv", 3, 64), ("maxpool", 3, 2)]
+                + 3 * [("conv", 1, 64), ("dropout",), ("conv", 5, 64)]
+                + [("maxpool", 3, 2), ("dense", 384), ("dropout",), ("dense", 192), ("logits",)],
+    "smcnBN": [("conv", 5, 64), ("conv", 3, 64), ("maxpool", 3, 2), ("conv", 1, 64), ("conv", 5, 64),
+               ("maxpool", 3, 2), ("dense", 384), ("dense", 192), ("logits",)],
+}
+EXPECTED_WEIGHT_SHAPES = {
+    "smcn": {"conv1": (5, 5, 3, 64), "conv2": (3, 3, 64, 64), "conv3": (1, 1, 64, 64), "conv4": (5, 5, 64, 64),
+             "dense1": (8 * 8 * 64, 384), "dense2": (384, 192), "logits": (192, 10)},
+}
+EXPECTED_WEIGHT_SHAPES["smcnLin"] = EXPECTED_WEIGHT_SHAPES["smcn"]
+EXPECTED_WEIGHT_SHAPES["smcnBN"] = EXPECTED_WEIGHT_SHAPES["smcn"]
+EXPECTED_WEIGHT_SHAPES["smcnDeep"] = {
+    "conv1": (5, 5, 3, 64), "conv2": (3, 3, 64, 64), "conv3": (1, 1, 64, 64), "conv4": (5, 5, 64, 64),
+    "conv5": (1, 1, 64, 64), "conv6": (5, 5, 64, 64), "conv7": (1, 1, 64, 64), "conv8": (5, 5, 64, 64),
+    "dense1": (8 * 8 * 64, 384), "dense2": (384, 192), "logits": (192, 10)}
+
+
+def test_architectures_match_the_issue():
+    assert set(dn.ARCHITECTURES) == set(EXPECTED_ARCHITECTURES)
+    for network, layers in EXPECTED_ARCHITECTURES.items():
+        assert [tuple(layer) for layer in dn.ARCHITECTURES[network]] == layers, network
+    assert dn.n_dropout_layers("smcn") == 3 and dn.n_dropout_layers("smcnDeep") == 5
+    assert dn.n_dropout_layers("smcnLin") == 0 and dn.n_dropout_layers("smcnBN") == 0
+    assert dn.activated_layers("smcn") == ["conv1", "conv2", "conv3", "conv4", "dense1", "dense2"]
+    assert dn.layer_names("smcnDeep")[-3:] == ["dense1", "dense2", "logits"]
+
+
+@pytest.mark.parametrize("network", sorted(EXPECTED_ARCHITECTURES))
+@pytest.mark.parametrize("af_set", ["1_relu", "5_blend5_swish"])
+def test_variables_per_architecture(network, af_set):
+    with tf.Graph().as_default():
+        inputs = dn.make_inputs()
+        logits, endpoints = dn.inference(inputs, make_settings(network=network, af_set=af_set))
+        assert logits.shape.as_list() == [None, 10]
+        variables = variables_by_name()
+        shapes = EXPECTED_WEIGHT_SHAPES[network]
+        for layer, shape in shapes.items():
+            assert tuple(variables[f"{layer}/weights"].shape.as_list()) == shape, layer
+            assert variables[f"{layer}/biases"].shape.as_list() == [shape[-1]], layer
+        weight_names = {n for n in variables if n.endswith("/weights")}
+        assert weight_names == {f"{layer}/weights" for layer in shapes}
+        activated = [layer for layer in shapes if layer != "logits"]
+        n = len(REF_SETS[af_set])
+        blend = sorted(n for n in variables if "blend_weights" in n)
+        assert blend == sorted(f"{layer}/blend_weights" for layer in activated)
+        assert all(variables[name].shape.as_list() == [n] for name in blend)
+        betas = sorted(n for n in variables if "swish_beta" in n)
+        assert betas == (sorted(f"{layer}/swish_beta" for layer in activated) if "jswish" in REF_SETS[af_set]
+                         else [])
+        assert sorted(endpoints.af_vars) == sorted(activated) == sorted(endpoints.activations)
+        ops = {op.type for op in tf.get_default_graph().get_operations()}
+        assert ("StatelessRandomUniformV2" in ops or "StatelessRandomUniform" in ops) == (
+            dn.n_dropout_layers(network) > 0)
+        assert ("AvgPool" in ops) == (network == "smcnLin")
+        assert ("MaxPool" in ops or "MaxPoolV2" in ops) == (network != "smcnLin")
+
+
+def test_swish_beta_only_for_swish_sets_and_default_init():
+    for af_set in ("1_jswish", "3_relu+tanh+jswish"):
+        with session_for(make_settings(af_set=af_set, network="smcnLin")) as (model, sess):
+            variables = variables_by_name()
+            n = len(REF_SETS[af_set])
+            for layer in dn.activated_layers("smcnLin"):
+                np.testing.assert_array_equal(sess.run(variables[f"{layer}/blend_weights"]),
+                                              np.full(n, 1.0 / n, np.float32))
+                assert sess.run(variables[f"{layer}/swish_beta"]) == 1.0
+    init = dn.default_af_init("smcnDeep", "5_blend5_swish")
+    assert sorted(init) == sorted(dn.activated_layers("smcnDeep")) and len(init) == 10
+    for layer in init.values():
+        np.testing.assert_allclose(layer["blend_weights"], [0.2] * 5)
+        assert layer["swish_beta"] == 1.0
+
+
+# ---------------------------------------------------------------- whole-network forward pass in numpy
+
+def np_conv_same(x, w):
+    k = w.shape[0]
+    pad = (k - 1) // 2
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    height, width = x.shape[1:3]
+    out = np.zeros(x.shape[:3] + (w.shape[-1],))
+    for i in range(k):
+        for j in range(k):
+            out += xp[:, i:i + height, j:j + width, :] @ w[i, j]
+    return out
+
+
+def np_pool_same(x, size, stride, kind):
+    height = x.shape[1]
+    out_size = -(-height // stride)
+    pad_total = max((out_size - 1) * stride + size - height, 0)
+    before, after = pad_total // 2, pad_total - pad_total // 2
+    if kind == "avgpool":
+        assert pad_total == 0
+    xp = np.pad(x, ((0, 0), (before, after), (before, after), (0, 0)), constant_values=-np.inf)
+    out = np.zeros((x.shape[0], out_size, out_size, x.shape[3]))
+    for i in range(out_size):
+        for j in range(out_size):
+            window = xp[:, i * stride:i * stride + size, j * stride:j * stride + size, :]
+            out[:, i, j, :] = window.max(axis=(1, 2)) if kind == "maxpool" else window.mean(axis=(1, 2))
+    return out
+
+
+def np_batch_norm(x, training):
+    """Fresh BN (gamma 1, beta 0, moving mean 0, moving variance 1)."""
+    if not training:
+        return x / np.sqrt(1.0 + REF_BN_EPS)
+    axes = tuple(range(x.ndim - 1))
+    return (x - x.mean(axis=axes)) / np.sqrt(x.var(axis=axes) + REF_BN_EPS)
+
+
+def np_forward(network, params, x, names, blend, bn=None):
+    """Reference forward pass (dropout off). params: layer -> (W, b); blend: layer -> (effective w, beta)."""
+    counts, acts = {}, {}
+    x = x.astype(np.float64)
+    for layer in EXPECTED_ARCHITECTURES[network]:
+        kind = layer[0]
+        if kind == "dropout":
+            continue
+        if kind in ("maxpool", "avgpool"):
+            x = np_pool_same(x, layer[1], layer[2], kind)
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+        name = "logits" if kind == "logits" else f"{kind}{counts[kind]}"
+        w, b = params[name]
+        x = np_conv_same(x, w) + b if kind == "conv" else x.reshape(len(x), -1) @ w + b
+        if kind == "logits":
+            return x, acts
+        if bn is not None:
+            x = np_batch_norm(x, bn)
+        eff, beta = blend[name]
+        components = [REF_FUNCTIONS[f](x, beta) for f in names]
+        if bn is not None and len(names) > 1:
+            components = [np_batch_norm(c, bn) for c in components]
+        x = sum(e * c for e, c in zip(eff, components))
+        acts[name] = x
+    raise AssertionError("no logits layer")
+
+
+def custom_af_init(network, n, seed):
+    rng = np.random.default_rng(seed)
+    return {layer: {"blend_weights": rng.uniform(-0.5, 1.0, n).astype(np.float32),
+                    "swish_beta": float(rng.uniform(0.5, 2.0))}
+            for layer in dn.activated_layers(network)}
+
+
+def fetch_params(sess, network):
+    variables = variables_by_name()
+    return {layer: tuple(sess.run([variables[f"{layer}/weights"], variables[f"{layer}/biases"]]))
+            for layer in EXPECTED_WEIGHT_SHAPES[network]}
+
+
+def fetch_blend(sess, endpoints, mode):
+    values = {}
+    for layer, v in endpoints.af_vars.items():
+        raw = sess.run(v.raw)
+        beta = 1.0 if v.beta is None else float(sess.run(v.beta))
+        values[layer] = (ref_effective(raw, mode), beta)
+    return values
+
+
+def assert_forward_matches(network, af_set, mode, training_feeds):
+    names = REF_SETS[af_set]
+    settings = make_settings(network=network, af_set=af_set, blend_mode=mode)
+    x = images(3)
+    with session_for(settings, custom_af_init(network, len(names), 5)) as (model, sess):
+        params = fetch_params(sess, network)
+        blend = fetch_blend(sess, model.endpoints, mode)
+        for training in training_feeds:
+            feed = {model.inputs.images: x}
+            bn = None
+            if network in dn.BATCH_NORM_NETWORKS:
+                feed[model.inputs.training] = training
+                bn = training
+            logits, acts = sess.run([model.logits, model.endpoints.activations], feed)
+            want_logits, want_acts = np_forward(network, params, x, names, blend, bn)
+            for layer, want in want_acts.items():
+                scale = np.abs(want).max()
+                np.testing.assert_allclose(acts[layer], want, rtol=1e-3, atol=5e-4 * scale,
+                                           err_msg=f"{network} {layer} training={training}")
+            np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{network} training={training}")
+
+
+@pytest.mark.parametrize("network, af_set, mode", [
+    ("smcn", "5_blend5_swish", "softmaxed"),
+    ("smcnLin", "3_relu+tanh+jswish", "unrestricted"),
+    ("smcnDeep", "1_selu", "unrestricted"),
+])
+def test_forward_pass_matches_numpy(network, af_set, mode):
+    assert_forward_matches(network, af_set, mode, [False])
+
+
+@pytest.mark.parametrize("af_set", ["5_blend5_swish", "1_jelu"])
+def test_batch_norm_forward_matches_numpy_training_and_inference(af_set):
+    assert_forward_matches("smcnBN", af_set, "absnormed", [True, False])
+
+
+# ---------------------------------------------------------------- initialisation
+
+def test_weight_init_std_and_bias_init():
+    truncation_factor = 0.8796  # std of a normal truncated at 2 sigma, in sigmas
+    with session_for(make_settings(network="smcn")) as (model, sess):
+        params = fetch_params(sess, "smcn")
+    for layer, fan in (("conv4", 5 * 5 * 64), ("conv2", 3 * 3 * 64)):
+        sigma = np.sqrt(2.0 / fan)
+        w = params[layer][0]
+        assert abs(w.std() / (truncation_factor * sigma) - 1) < 0.02, layer
+        assert np.abs(w).max() <= 2 * sigma * 1.0001 and abs(w.mean()) < 0.02 * sigma
+    for layer, (n_in, n_out) in (("dense1", (4096, 384)), ("dense2", (384, 192))):
+        sigma = np.sqrt(2.0 / (n_in * n_out))
+        w = params[layer][0]
+        assert abs(w.std() / (truncation_factor * sigma) - 1) < 0.02, layer
+        assert np.abs(w).max() <= 2 * sigma * 1.0001
+    np.testing.assert_array_equal(params["conv1"][1], np.zeros(64, np.float32))
+    for layer in ("conv2", "conv3", "conv4", "dense1", "dense2", "logits"):
+        np.testing.assert_array_equal(params[layer][1], np.full(params[layer][1].shape, 0.1, np.float32))
+
+
+def test_init_is_deterministic_for_a_seed():
+    runs = []
+    for seed in (3, 3, 4):
+        with session_for(make_settings(network="smcnLin", seed=seed)) as (model, sess):
+            runs.append(sess.run(variables_by_name()["conv2/weights"]))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+
+
+# ---------------------------------------------------------------- trainable flags
+
+@pytest.mark.parametrize("blend_trainable, beta_trainable", [(True, False), (False, True)])
+def test_trainable_flags(blend_trainable, beta_trainable):
+    settings = make_settings(network="smcnLin", af_set="5_blend5_swish", blend_trainable=blend_trainable,
+                             swish_beta_trainable=beta_trainable, optimizer="SGD")
+    with session_for(settings) as (model, sess):
+        trainable = {v.op.name for v in tf.trainable_variables()}
+        variables = variables_by_name()
+        blend = [variables[f"{layer}/blend_weights"] for layer in dn.activated_layers("smcnLin")]
+        betas = [variables[f"{layer}/swish_beta"] for layer in dn.activated_layers("smcnLin")]
+        assert all((v.op.name in trainable) == blend_trainable for v in blend)
+        assert all((v.op.name in trainable) == beta_trainable for v in betas)
+        assert "conv1/weights" in trainable
+        before = sess.run(blend + betas + [variables["conv1/weights"]])
+        sess.run(model.train_op, {model.inputs.images: images(2), model.inputs.labels: [1, 7],
+                                  model.inputs.lr: 0.1})
+        after = sess.run(blend + betas + [variables["conv1/weights"]])
+    changed = [not np.array_equal(a, b) for a, b in zip(before, after)]
+    n = len(blend)
+    assert changed[:n] == [blend_trainable] * n
+    assert changed[n:2 * n] == [beta_trainable] * n
+    assert changed[-1]
+
+
+# ---------------------------------------------------------------- loss, metrics, weight decay
+
+def np_cross_entropy(logits, labels):
+    logits = logits.astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return float(np.mean(log_z - logits[np.arange(len(labels)), labels]))
+
+
+def test_loss_and_weight_decay_over_conv_and_dense_weights_only():
+    wd = 0.003
+    settings = make_settings(network="smcnBN", af_set="2_tanh+jswish", use_wd=True, wd_lambda=wd)
+    labels = np.array([0, 3, 9, 4])
+    with session_for(settings) as (model, sess):
+        feed = {model.inputs.images: images(4), model.inputs.labels: labels, model.inputs.training: True}
+        total, ce, logits = sess.run([model.loss, model.cross_entropy, model.logits], feed)
+        values = sess.run({n: v for n, v in variables_by_name().items()})
+    weights = {n: v for n, v in values.items() if n.endswith("/weights")}
+    assert len(weights) == 7
+    assert any("blend_weights" in n for n in values) and any("gamma" in n for n in values)
+    decay = sum(np.sum(w.astype(np.float64) ** 2) / 2 for w in weights.values())
+    np.testing.assert_allclose(ce, np_cross_entropy(logits, labels), rtol=1e-5)
+    np.testing.assert_allclose(total - ce, wd * decay, rtol=1e-4)
+    everything = sum(np.sum(v.astype(np.float64) ** 2) / 2 for v in values.values())
+    assert abs(wd * everything - wd * decay) > 1e-2 * wd * decay  # the check can tell them apart
+
+
+@pytest.mark.parametrize("use_wd, wd_lambda", [(False, 0.5), (True, 0.0)])
+def test_no_weight_decay_when_off(use_wd, wd_lambda):
+    settings = make_settings(network="smcnLin", use_wd=use_wd, wd_lambda=wd_lambda)
+    with session_for(settings) as (model, sess):
+        total, ce = sess.run([model.loss, model.cross_entropy],
+                             {model.inputs.images: images(2), model.inputs.labels: [2, 5]})
+    assert total == ce
+
+
+def test_top1_top5_and_predictions():
+    with session_for(make_settings(network="smcnLin", af_set="1_tanh")) as (model, sess):
+        # Make the logits spread so that the ranks are well defined.
+        variables = variables_by_name()
+        rng = np.random.default_rng(2)
+        sess.run(variables["logits/weights"].assign(rng.normal(size=(192, 10)).astype(np.float32)))
+        sess.run(variables["logits/biases"].assign(rng.normal(size=10).astype(np.float32)))
+        x = images(4)
+        logits = sess.run(model.logits, {model.inputs.images: x})
+        ranking = np.argsort(-logits, axis=1)
+        labels = np.array([ranking[0, 0], ranking[1, 3], ranking[2, 7], ranking[3, 4]])
+        top1, top5, pred = sess.run([model.top1, model.top5, model.predictions],
+                                    {model.inputs.images: x, model.inputs.labels: labels})
+    assert top1 == pytest.approx(0.25) and top5 == pytest.approx(0.75)
+    np.testing.assert_array_equal(pred, ranking[:, 0])
+
+
+# ---------------------------------------------------------------- optimizers and update ops
+
+@pytest.mark.parametrize("optimizer, expected_steps", [
+    ("SGD", [1.0, 2.0]),
+    ("Momentum", [1.0, 1.0 + 1.9]),      # accumulator a = 0.9 a + g; w -= lr a
+    ("Nesterov", [1.9, 1.9 + 2.71]),     # w -= lr (g + 0.9 a)
+    ("Adam", None),                      # constant gradient: each step moves lr * sign(g)
+])
+def test_optimizers_and_update_ops(optimizer, expected_steps):
+    start = np.array([1.0, -2.0, 0.5], np.float32)
+    grad = np.array([0.3, -1.2, 2.0], np.float32)
+    lr = 0.1
+    with tf.Graph().as_default(), tf.Session() as sess:
+        v = tf.Variable(start)
+        counter = tf.Variable(0, dtype=tf.int32)
+        tf.add_to_collection(tf.GraphKeys.UPDATE_OPS, tf.assign_add(counter, 1))
+        train_op = dn.train(tf.reduce_sum(grad * v), optimizer, tf.constant(lr))
+        sess.run(tf.global_variables_initializer())
+        values = []
+        for _ in range(2):
+            sess.run(train_op)
+            values.append(sess.run(v))
+        assert sess.run(counter) == 2
+    for step, value in enumerate(values):
+        if expected_steps is None:
+            want = start - (step + 1) * lr * np.sign(grad)
+        else:
+            want = start - expected_steps[step] * lr * grad
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=f"{optimizer} step {step + 1}")
+
+
+def test_unknown_network_and_optimizer():
+    with tf.Graph().as_default():
+        with pytest.raises(ValueError, match="network 'foo'"):
+            dn.build_model(make_settings(network="foo"))
+    with tf.Graph().as_default():
+        with pytest.raises(ValueError, match="optimizer 'Adagrad'"):
+            dn.build_model(make_settings(network="smcnLin", optimizer="Adagrad"))
+    with tf.Graph().as_default():
+        with pytest.raises(ValueError, match="count 4"):
+            dn.build_model(make_settings(af_set="4_blend5_swish"))
+
+
+# ---------------------------------------------------------------- batch norm state
+
+def test_batch_norm_training_vs_inference_and_moving_averages():
+    settings = make_settings(network="smcnBN", af_set="2_tanh+jswish", optimizer="Adam")
+    x = images(4)
+    with session_for(settings) as (model, sess):
+        variables = variables_by_name()
+        moving = {n: v for n, v in variables.items() if "moving_" in n}
+        # one BN per activated layer on the pre-activation, plus one per blend component
+        assert len(moving) == 2 * 6 * (1 + 2)
+        assert not any("moving_" in v.op.name for v in tf.trainable_variables())
+        feed = {model.inputs.images: x, model.inputs.labels: [0, 1, 2, 3]}
+        train_logits = sess.run(model.logits, {**feed, model.inputs.training: True})
+        infer_logits = sess.run(model.logits, {**feed, model.inputs.training: False})
+        assert np.abs(train_logits - infer_logits).max() > 1e-3
+        before = sess.run(moving)
+        w1, b1 = sess.run([variables["conv1/weights"], variables["conv1/biases"]])
+        unchanged = sess.run(moving)  # forward passes alone do not update the moving averages
+        assert all(np.array_equal(before[n], unchanged[n]) for n in moving)
+        sess.run(model.train_op, {**feed, model.inputs.training: True})
+        after = sess.run(moving)
+    assert all(not np.array_equal(before[n], after[n]) for n in moving)
+    preact = np_conv_same(x.astype(np.float64), w1) + b1
+    mean_name = [n for n in moving if n.startswith("conv1/") and "component" not in n and "mean" in n]
+    var_name = [n for n in moving if n.startswith("conv1/") and "component" not in n and "variance" in n]
+    assert len(mean_name) == 1 and len(var_name) == 1
+    np.testing.assert_allclose(after[mean_name[0]], (1 - REF_BN_DECAY) * preact.mean(axis=(0, 1, 2)),
+                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(after[var_name[0]],
+                               REF_BN_DECAY + (1 - REF_BN_DECAY) * preact.var(axis=(0, 1, 2)), rtol=1e-4)
+
+
+# ---------------------------------------------------------------- dropout
+
+def test_dropout_mask_is_keyed_on_seed_step_and_layer():
+    with tf.Graph().as_default(), tf.Session() as sess:
+        x = tf.ones([400, 50])
+        keep = tf.placeholder(tf.float32, [None])
+        step = tf.placeholder(tf.int64, [])
+        outs = {(seed, index): dn._dropout(x, keep, index, step, seed) for seed in (1, 2) for index in (0, 1)}
+
+        def run(key, s, k=(0.7,)):
+            return sess.run(outs[key], {keep: list(k), step: s})
+
+        a = run((1, 0), 5)
+        assert set(np.unique(a)) == {0.0, np.float32(1 / 0.7)}
+        assert abs((a > 0).mean() - 0.7) < 0.02
+        np.testing.assert_array_equal(a, run((1, 0), 5))
+        assert not np.array_equal(a, run((1, 0), 6))
+        assert not np.array_equal(a, run((1, 1), 5))
+        assert not np.array_equal(a, run((2, 0), 5))
+        np.testing.assert_array_equal(run((1, 1), 5, (1.0,)), np.ones((400, 50)))
+        np.testing.assert_array_equal(run((1, 1), 5, (0.7, 1.0)), np.ones((400, 50)))  # per-layer keep
+        assert (run((1, 0), 5, (0.7, 1.0)) == 0).any()
+
+
+def test_network_dropout_by_step_and_keep_probs():
+    with session_for(make_settings(network="smcn", af_set="1_relu")) as (model, sess):
+        inputs = model.inputs
+        base = {inputs.images: images(2)}
+
+        def logits(keep, step):
+            return sess.run(model.logits, {**base, inputs.keep_probs: keep, inputs.step: step})
+
+        plain = sess.run(model.logits, base)
+        np.testing.assert_array_equal(logits([1.0], 3), plain)
+        np.testing.assert_array_equal(logits([1.0, 1.0, 1.0], 3), plain)
+        dropped = logits([0.5], 3)
+        assert not np.allclose(dropped, plain)
+        np.testing.assert_array_equal(logits([0.5], 3), dropped)
+        np.testing.assert_array_equal(logits([0.5, 0.5, 0.5], 3), dropped)
+        assert not np.allclose(logits([0.5], 4), dropped)
+        assert not np.allclose(logits([1.0, 1.0, 0.5], 3), plain)
+
+
+# ---------------------------------------------------------------- AF-weight files
+
+def write_af_file(exp_dir, spec, run, mb, n, value, beta=1.25):
+    layers = {layer: {"blend_weights_raw": np.full(n, value, np.float32) + np.arange(n, dtype=np.float32),
+                      "blend_weights": np.full(n, 1.0 / n), "swish_beta": beta}
+              for layer in dn.activated_layers("smcnLin")}
+    save_pickle(dn.af_weights_path(str(exp_dir), spec, run, mb),
+                {"af_set": f"{n}_x", "blend_mode": "unrestricted", "mb": mb, "spec_name": spec, "run": run,
+                 "layers": layers})
+
+
+def test_predefined_af_init_picks_newest_and_normalizes(tmp_path):
+    for mb, value in ((5, 0.1), (300, 0.3), (40, 0.2)):  # 40 > 300 as text: the order must be numeric
+        write_af_file(tmp_path, "specA", 1, mb, 5, value)
+    write_af_file(tmp_path, "specA", 2, 9000, 5, 9.0)      # another run
+    write_af_file(tmp_path, "specA_b", 1, 9000, 5, 9.0)    # another spec sharing the prefix
+    write_af_file(tmp_path, "specA", 11, 9000, 5, 9.0)     # run 11 is not run 1
+    newest = dn.newest_af_weights_file(str(tmp_path), "specA", 1)
+    assert os.path.basename(newest) == "af_weights_specA_run_1_mb_300.pkl"
+    assert os.path.exists(dn.af_weights_path(str(tmp_path), "specA", 1, 300))
+    init = dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "5_blend5_swish")
+    assert sorted(init) == sorted(dn.activated_layers("smcnLin"))
+    for layer in init.values():
+        np.testing.assert_allclose(layer["blend_weights"], 0.3 + np.arange(5), rtol=1e-6)
+        assert layer["swish_beta"] == 1.25
+    normed = dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "5_blend5_swish", normalize=True)
+    for layer in normed.values():
+        np.testing.assert_allclose(layer["blend_weights"], (0.3 + np.arange(5)) / np.sum(0.3 + np.arange(5)),
+                                   rtol=1e-6)
+        assert layer["blend_weights"].sum() == pytest.approx(1.0, abs=1e-6)
+    # the loaded weights become the variables' initial values
+    settings = make_settings(network="smcnLin", af_set="5_blend5_swish", blend_mode="softmaxed")
+    with session_for(settings, normed) as (model, sess):
+        read = dn.read_af_weights(sess, model.endpoints)
+    for layer, values in read.items():
+        np.testing.assert_allclose(values["blend_weights_raw"], normed[layer]["blend_weights"], rtol=1e-6)
+        np.testing.assert_allclose(values["blend_weights"], ref_effective(normed[layer]["blend_weights"],
+                                                                          "softmaxed"), rtol=1e-5)
+        assert values["swish_beta"] == 1.25
+
+
+def test_predefined_af_init_errors(tmp_path):
+    assert dn.newest_af_weights_file(str(tmp_path), "specA", 1) is None
+    with pytest.raises(UserError, match="specA.*run 1"):
+        dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "1_relu")
+    write_af_file(tmp_path, "specA", 1, 10, 3, 0.5)
+    with pytest.raises(UserError, match="3 blend weights|1 blend weights"):
+        dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "1_relu")
+    init = dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "3_relu+tanh+jswish")
+    assert len(init) == 6
