@@ -81,8 +81,8 @@ FLAGS = [
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s [-h] [-FLAG VALUE ...]",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for name, kind, default, text, *nargs in FLAGS:
         p.add_argument(f"-{name}", f"--{name}", dest=name, type=kind, default=default, help=text,
                        nargs=nargs[0] if nargs else None, metavar=name.upper())
@@ -111,6 +111,10 @@ def validate(s):
                       ("safe_af_ws_n", 0), ("safe_all_ws_n", 0), ("epochs_between_checkpoints", 1),
                       ("val_every", 1)):
         _require(s[flag] >= low, flag, f"must be at least {low}, got {s[flag]}")
+    _require(s["n_minibatches"] <= 10 ** 8, "n_minibatches", f"{s['n_minibatches']} is beyond any sensible run")
+    for flag in ("safe_af_ws_n", "safe_all_ws_n"):
+        _require(s[flag] <= s["n_minibatches"] + 1, flag, f"at most one save per minibatch "
+                 f"({s['n_minibatches'] + 1}), got {s[flag]}")
     for flag in ("lr", "lr_decay", "lr_lin_min", "wd_lambda", "walltime"):
         _require(math.isfinite(s[flag]) and s[flag] >= 0, flag, f"must be a finite number >= 0, got {s[flag]}")
     _require(s["lr"] > 0, "lr", "must be positive")

@@ -27,6 +27,7 @@ tf = net.tf
 N_CLASSES = {"cifar10": 10, "cifar100": 100}
 PREPROCESSING_SUFFIX = {"none": "", "ztrans": "_ztrans", "gcn_zca": "_gcn_zca"}
 EVAL_BATCH = 500
+SUMMARY_IMAGES = 64  # images behind the TensorBoard histograms at each validation
 SMOOTHING_PASSES = 3
 
 
@@ -78,7 +79,12 @@ def load_dataset(path, n_classes):
                         f"{getattr(images, 'shape', type(images).__name__)}")
     if images.dtype != np.float32:
         raise UserError(f"{path}: images must be float32, got {images.dtype}")
-    labels = np.asarray(labels)
+    if len(images) == 0:
+        raise UserError(f"{path}: holds no images")
+    try:
+        labels = np.asarray(labels)
+    except ValueError:
+        raise UserError(f"{path}: labels must be {len(images)} integers, got a ragged sequence") from None
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{path}: labels must be {len(images)} integers, got shape {labels.shape} "
                         f"dtype {labels.dtype}")
@@ -286,9 +292,18 @@ def checkpoint_dirs(models_dir):
     return found
 
 
-def remove_partial_checkpoints(models_dir):
-    for path in glob.glob(os.path.join(glob.escape(models_dir), ".tmp_ckpt_*")):
-        shutil.rmtree(path, ignore_errors=True)
+def remove_temporary_files(paths):
+    """Leftovers of an interrupted process: partial checkpoints, half-deleted folders, temp files."""
+    for folder in (paths["run_dir"], paths["models"], os.path.dirname(paths["split"])):
+        for path in glob.glob(os.path.join(glob.escape(folder), ".tmp_*")):
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+def remove_folder(path):
+    """Delete a folder so that an interruption never leaves it half-deleted under its own name."""
+    doomed = os.path.join(os.path.dirname(path), f".tmp_del_{os.path.basename(path)}_{os.getpid()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class Checkpointer:
@@ -311,7 +326,7 @@ class Checkpointer:
             save_pickle(os.path.join(tmp, "recorder.pkl"), record)
             _fsync_dir(tmp)
             if os.path.exists(final):
-                shutil.rmtree(final)
+                remove_folder(final)
             os.rename(tmp, final)
             _fsync_dir(self.models_dir)
         except BaseException:
@@ -330,7 +345,7 @@ class Checkpointer:
             if mb == keep_state_mb:
                 continue
             if mb not in keep_models:
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_folder(folder)
                 continue
             for path in glob.glob(os.path.join(glob.escape(folder), "state.*")):
                 os.remove(path)
@@ -379,7 +394,7 @@ def _plot_to(path, draw):
     fig = plt.figure(figsize=(9, 5))
     draw(fig.gca())
     fig.tight_layout()
-    tmp = path + ".tmp.png"
+    tmp = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
@@ -452,23 +467,22 @@ class RunLock:
 
 
 class StopRequest:
-    """SIGTERM / Ctrl-C set a flag; the loop finishes its step, checkpoints and exits."""
+    """While active, SIGTERM / Ctrl-C only set a flag: the loop finishes its step, checkpoints, exits."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self._previous = None, {}
+
+    def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.signal = signum
-
-    def release(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
-
-
-class Diverged(Exception):
-    pass
 
 
 # ---------------------------------------------------------------- the run
@@ -509,13 +523,15 @@ def finish_cleanup(paths, record):
     keep = record["early_stopping_mb"]
     for mb, folder in checkpoint_dirs(paths["models"]).items():
         if mb != keep:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_folder(folder)
         else:
             for path in glob.glob(os.path.join(glob.escape(folder), "state.*")):
                 os.remove(path)
-    remove_partial_checkpoints(paths["models"])
+    remove_temporary_files(paths)
     if os.path.exists(paths["split"]):
         os.remove(paths["split"])
+    if os.path.isdir(os.path.dirname(paths["split"])) and not os.listdir(os.path.dirname(paths["split"])):
+        os.rmdir(os.path.dirname(paths["split"]))
     for path in glob.glob(os.path.join(glob.escape(paths["run_dir"]), "run_incomplete_mb_*.txt")):
         os.remove(path)
 
@@ -531,33 +547,59 @@ def run_training(s, out=print):
     paths, af_init = prepare(s)
     enable_determinism()
     state, record = read_state(paths)
+    if state in ("orphan", "diverged"):  # nothing to do and nothing to write
+        return _finished(s, paths, state, record, out)
+    if state not in ("complete", "diverged"):
+        n_classes = N_CLASSES[s["task"]]
+        train_path, test_path = data_files(s)
+        train, test = load_dataset(train_path, n_classes), load_dataset(test_path, n_classes)
+        check_data_fits(s, len(train[1]))
+    with _locked(paths), StopRequest() as stop:
+        state, record = read_state(paths)  # again, now that no other process can change it
+        if state in ("complete", "diverged", "orphan"):
+            return _finished(s, paths, state, record, out)
+        remove_temporary_files(paths)
+        if state == "resume":
+            check_same_settings(s, load_pickle(latest_checkpoint_record(paths)))
+        split = load_pickle(paths["split"]) if os.path.exists(paths["split"]) else make_split(len(train[1]), s)
+        if not os.path.exists(paths["split"]):
+            save_pickle(paths["split"], split)
+        data = Data(train, test, split, s["minibatch_size"])
+        del train
+        return Trainer(s, paths, data, af_init, out, stop).run()
+
+
+def _finished(s, paths, state, record, out):
     tag = f"{s['spec_name']}/run {s['run']}"
-    if state == "complete":
-        with _locked(paths):
-            finish_cleanup(paths, record)
-        out(f"{tag}: already complete (test top-1 {record['test_top1']:.4f} at mb "
-            f"{record['early_stopping_mb']}); nothing to do")
-        return 0
-    if state == "diverged":
-        out(f"{tag}: diverged at minibatch {record['diverged_at_mb']} (see {paths['run_info']}); nothing to do")
-        return 1
     if state == "orphan":
         raise UserError(f"{paths['run_dir']}: has run info but no checkpoint; refusing to overwrite it "
                         "(move it away or choose another -experiment_name/-run)")
-    n_classes = N_CLASSES[s["task"]]
-    train_path, test_path = data_files(s)
-    train = load_dataset(train_path, n_classes)
-    test = load_dataset(test_path, n_classes)
-    check_data_fits(s, len(train[1]))
-    split = load_pickle(paths["split"]) if state == "resume" and os.path.exists(paths["split"]) \
-        else make_split(len(train[1]), s)
-    data = Data(train, test, split, s["minibatch_size"])
-    del train
-    with _locked(paths):
-        if not os.path.exists(paths["split"]):
-            save_pickle(paths["split"], split)
-        remove_partial_checkpoints(paths["models"])
-        return Trainer(s, paths, data, af_init, out).run()
+    if state == "diverged":
+        out(f"{tag}: diverged at minibatch {record['diverged_at_mb']} (see {paths['run_info']}); nothing to do")
+        return 1
+    finish_cleanup(paths, record)
+    out(f"{tag}: already complete (test top-1 {record['test_top1']:.4f} at mb "
+        f"{record['early_stopping_mb']}); nothing to do")
+    return 0
+
+
+# Flags that may change between the sessions of one run.
+RESUMABLE_CHANGES = {"walltime", "path_relative", "mode", "reference"}
+
+
+def check_same_settings(s, record):
+    """UserError if the flags differ from those the run was started with."""
+    before = record["settings"]
+    differ = sorted(k for k in set(s) | set(before) if k not in RESUMABLE_CHANGES and s.get(k) != before.get(k))
+    if differ:
+        changes = ", ".join(f"-{k} {before.get(k)} -> {s.get(k)}" for k in differ)
+        raise UserError(f"{record['spec_name']}/run {record['run']}: cannot resume with other settings ({changes}); "
+                        "use the original flags or another -run/-spec_name")
+
+
+def latest_checkpoint_record(paths):
+    found = checkpoint_dirs(paths["models"])
+    return os.path.join(found[max(found)], "recorder.pkl")
 
 
 class _locked:
@@ -574,8 +616,8 @@ class _locked:
 class Trainer:
     """One run's training loop, validation, checkpoints and final test."""
 
-    def __init__(self, s, paths, data, af_init, out):
-        self.s, self.paths, self.data, self.out = s, paths, data, out
+    def __init__(self, s, paths, data, af_init, out, stop):
+        self.s, self.paths, self.data, self.out, self.stop = s, paths, data, out, stop
         self.window = smoothing_window(s["n_minibatches"])
         mbs_per_epoch = data.mbs_per_epoch
         self.ckpt_mbs = checkpoint_mbs(s, mbs_per_epoch)
@@ -625,12 +667,14 @@ class Trainer:
 
     def _train(self):
         s, model, record = self.s, self.model, self.record
-        stop = StopRequest()
+        stop = self.stop
         inputs = model.inputs
         keep_probs = s["dropout_keep_probs"]
         fetch = [model.train_op, model.cross_entropy, model.top1]
         fetch_with_summary = fetch + [model.train_summaries]
         session_start_mb = record["mb_count_total"]
+        if stop.signal is not None:  # arrived while starting up: the latest checkpoint is current
+            return self._interrupted(session_start_mb, stop.signal)
         interval_start = time.time()
         for step in range(record["mb_count_total"] + 1, s["n_minibatches"] + 1):
             images, labels = self.data.minibatch(step, s["minibatch_size"], s)
@@ -661,7 +705,6 @@ class Trainer:
                     return self._leave_incomplete(step)
             if stop.signal is not None:
                 return self._interrupted(step, stop.signal)
-        stop.release()
         return None
 
     def _validate(self, mb):
@@ -676,7 +719,7 @@ class Trainer:
         record["val_preact_stats_hist"].append(result["preact"])
         record["val_af_weights_hist"].append(net.read_af_weights(self.sess, self.model.endpoints))
         if self.model.val_summaries is not None:
-            feed = {self.model.inputs.images: self.data.val_images[:EVAL_BATCH],
+            feed = {self.model.inputs.images: self.data.val_images[:SUMMARY_IMAGES],
                     self.model.inputs.keep_probs: s["dropout_keep_probs_inference"]}
             self.writer.add_summary(self.sess.run(self.model.val_summaries, feed), mb)
         self.writer.add_summary(tf.Summary(value=[

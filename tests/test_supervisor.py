@@ -1,0 +1,464 @@
+"""deepnet_supervisor: commands, selections, overrides, job scripts, skip logic, a real local sweep.
+
+test_real_slurm_sweep runs only with DEEPNET_TEST_SLURM=1, on a machine with a running single-node
+SLURM. On Debian bookworm as root (no network beyond the package mirror; about 30 s):
+    apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
+    write /etc/slurm/slurm.conf: SLURM_CONF below, formatted with host=$(hostname), cpus=$(nproc)
+    mkdir -p /var/lib/slurm/slurmd /var/lib/slurm/slurmctld /var/log/slurm /run/munge
+    chown munge:munge /run/munge && su -s /bin/sh munge -c /usr/sbin/munged
+    /usr/sbin/slurmctld && /usr/sbin/slurmd
+    until sinfo -h -o %t | grep -qx idle; do sleep 1; done
+"""
+import glob
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import deepnet_supervisor as sv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+SLURM_CONF = """ClusterName=local
+SlurmctldHost={host}
+AuthType=auth/munge
+CryptoType=crypto/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+MpiDefault=none
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmdSpoolDir=/var/lib/slurm/slurmd
+StateSaveLocation=/var/lib/slurm/slurmctld
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+ReturnToService=2
+NodeName={host} CPUs={cpus} RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+# The command of one run, written out by hand: every deepnet_main flag in the supervisor's order.
+EXPECTED_ABU_S_RUN_5 = (
+    "-mode training -experiment_name exp1 -spec_name ABU_S -run 5 -path_relative {root} -task cifar10 "
+    "-preprocessing ztrans -create_val_set True -val_set_fraction 0.05 -network smcn -af_set 5_blend5_swish "
+    "-af_weights_init default -load_af_weights_from '' -norm_blendw_at_init False -blend_trainable True "
+    "-blend_mode softmaxed -swish_beta_trainable True -optimizer Adam -minibatch_size 256 "
+    "-dropout_keep_probs 0.6 0.7 0.8 -dropout_keep_probs_inference 1.0 -use_wd False -wd_lambda 0.01 -seed 7 "
+    "-n_minibatches 1000 -lr 0.001 -lr_schedule_type constant -lr_decay 4e-05 -lr_lin_min 0.0004 "
+    "-lr_lin_steps 60000 -lr_step_ep 200 400 600 -lr_step_multi 0.1 0.1 0.1 -walltime 0 -val_every 20 "
+    "-create_checkpoints True -epochs_between_checkpoints 8 -safe_af_ws_n 10 -safe_all_ws_n 2 "
+    "-save_af_weights_at_test_mb True -save_all_weights_at_test_mb True -create_lc_on_the_fly True")
+
+
+def run_supervisor(args, env=None, timeout=900):
+    return subprocess.run([PY, "deepnet_supervisor.py", *args], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def write_record(root, experiment, spec, run, **fields):
+    folder = os.path.join(root, "3_output_cifar", experiment, spec, f"run_{run}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"record_{spec}_run_{run}.pkl")
+    with open(path, "wb") as handle:
+        pickle.dump({"spec_name": spec, "run": run, "test_completed": False, "diverged": False, **fields}, handle)
+    return path
+
+
+def load_record(root, experiment, spec, run):
+    path = os.path.join(root, "3_output_cifar", experiment, spec, f"run_{run}", f"record_{spec}_run_{run}.pkl")
+    with open(path, "rb") as handle:
+        return pickle.load(handle)
+
+
+# ---------------------------------------------------------------- settings and specs
+
+def test_settings_are_every_deepnet_main_flag_with_its_default():
+    import deepnet_main
+    defaults = {name: default for name, _, default, *_ in deepnet_main.FLAGS}
+    assert set(sv.SETTINGS) | set(sv.PER_RUN_FLAGS) == set(defaults)
+    assert not set(sv.SETTINGS) & set(sv.PER_RUN_FLAGS)
+    for key, value in sv.SETTINGS.items():
+        assert value == defaults[key], key
+
+
+def test_paper_sweep_has_the_17_specs():
+    specs = sv.SWEEPS["paper"]["specs"]
+    fixed = ["relu", "jelu", "tanh", "jswish", "linu", "selu"]
+    assert list(specs) == fixed + [f"alpha_{f}" for f in fixed] + ["ABU", "ABU_N", "ABU_P", "ABU_A", "ABU_S"]
+    for name in fixed:
+        assert specs[name] == {"af_set": f"1_{name}", "blend_trainable": False}
+        extra = {"swish_beta_trainable": True} if name == "jswish" else {}
+        assert specs[f"alpha_{name}"] == {"af_set": f"1_{name}", "blend_trainable": True, **extra}
+    for suffix, mode in (("", "unrestricted"), ("_N", "normalized"), ("_P", "posnormed"), ("_A", "absnormed"),
+                         ("_S", "softmaxed")):
+        assert specs[f"ABU{suffix}"] == {"af_set": "5_blend5_swish", "blend_trainable": True,
+                                         "swish_beta_trainable": True, "blend_mode": mode}
+    assert list(sv.SWEEPS["demo"]["specs"]) == ["relu", "ABU"]
+
+
+def test_parse_runs():
+    assert sv.parse_runs("1-3,7") == [1, 2, 3, 7]
+    assert sv.parse_runs("5") == [5]
+    assert sv.parse_runs("3,1-2,2") == [1, 2, 3]
+    assert sv.parse_runs("1-30") == list(range(1, 31))
+
+
+def test_cluster_walltime_and_time_formats():
+    assert sv.cluster_walltime({"time_minutes": 1440}) == 1440 - 72
+    assert sv.cluster_walltime({"time_minutes": 60}) == 50
+    assert sv.slurm_time(1440 + 90) == "1-01:30:00"
+    assert sv.slurm_time(45) == "0-00:45:00"
+
+
+# ---------------------------------------------------------------- dry run
+
+def test_dry_run_prints_the_exact_commands(tmp_path, capsys):
+    root = str(tmp_path)
+    code = sv.main(["--dry-run", "--specs", "ABU_S,relu", "--runs", "2,5-6", "--experiment", "exp1",
+                    "--set", "n_minibatches=1000", "--set", "dropout_keep_probs=0.6,0.7,0.8", "--set", "seed=7",
+                    "--set", f"path_relative={root}"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6
+    words = [shlex.split(line) for line in lines]
+    assert [(w[w.index("-spec_name") + 1], w[w.index("-run") + 1]) for w in words] == \
+        [("ABU_S", "2"), ("ABU_S", "5"), ("ABU_S", "6"), ("relu", "2"), ("relu", "5"), ("relu", "6")]
+    assert lines[1] == f"{shlex.quote(PY)} deepnet_main.py " + EXPECTED_ABU_S_RUN_5.format(root=root)
+    relu = words[3]
+    assert relu[relu.index("-af_set") + 1] == "1_relu" and relu[relu.index("-blend_trainable") + 1] == "False"
+    assert not list(tmp_path.iterdir())                          # a dry run writes nothing
+
+
+def test_demo_sweep_and_set_overrides(tmp_path, capsys):
+    assert sv.main(["--dry-run", "--sweep", "demo", "--set", f"path_relative={tmp_path}",
+                    "--set", "use_wd=True", "--set", "blend_mode=normalized"]) == 0
+    words = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(words) == 4
+    for w in words:
+        flag = lambda name: w[w.index(name) + 1]  # noqa: E731
+        assert flag("-experiment_name") == "demo_smcn_cifar10"
+        assert flag("-n_minibatches") == "250" and flag("-val_every") == "25"
+        assert flag("-minibatch_size") == "40" and flag("-val_set_fraction") == "0.02"
+        assert flag("-epochs_between_checkpoints") == "1" and flag("-use_wd") == "True"
+        assert flag("-blend_mode") == "normalized"                # --set wins over the spec
+        assert "-seed" not in w                                   # default: the run number
+
+
+BAD_INPUT = [
+    (["--specs", "relu,nope"], "--specs: unknown spec(s) nope"),
+    (["--set", "nope=1"], "--set nope: unknown setting"),
+    (["--set", "n_minibatches"], "--set n_minibatches: expected key=value"),
+    (["--set", "n_minibatches=abc"], "--set n_minibatches=abc"),
+    (["--set", "use_wd=maybe"], "--set use_wd=maybe"),
+    (["--runs", "5-2"], "--runs 5-2"),
+    (["--runs", "1,x"], "--runs 1,x"),
+    (["--workers", "0"], "--workers 0"),
+    (["--sweep", "nope"], "--sweep nope: unknown sweep"),
+    (["--backend", "pbs"], "--backend pbs"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = run_supervisor([*args, "--set", f"path_relative={tmp_path}"])
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_values_deepnet_main_refuses_are_user_errors(tmp_path):
+    with pytest.raises(sv.UserError, match="-blend_mode: 'nope'"):
+        sv.main(["--dry-run", "--set", "blend_mode=nope", "--set", f"path_relative={tmp_path}"])
+    with pytest.raises(sv.UserError, match="-dropout_keep_probs"):
+        sv.main(["--dry-run", "--set", "dropout_keep_probs=0.5,0.5", "--set", f"path_relative={tmp_path}"])
+
+
+def test_missing_sbatch_is_one_line_exit_2(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))                   # no sbatch / qsub on this PATH
+    for backend, tool in (("slurm", "sbatch"), ("sge", "qsub")):
+        result = run_supervisor(["--backend", backend, "--set", f"path_relative={tmp_path}"], env=env)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.count("\n") == 1 and f"'{tool}' not found" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- skip logic
+
+def test_complete_and_diverged_runs_are_not_started(tmp_path, capsys):
+    root, experiment = str(tmp_path), "demo_smcn_cifar10"
+    write_record(root, experiment, "relu", 1, test_completed=True)
+    write_record(root, experiment, "relu", 2)                                       # incomplete: resume
+    write_record(root, experiment, "ABU", 1, diverged=True, diverged_at_mb=17)
+    garbage = os.path.join(root, "3_output_cifar", experiment, "ABU", "run_2", "record_ABU_run_2.pkl")
+    os.makedirs(os.path.dirname(garbage))
+    with open(garbage, "wb") as handle:
+        handle.write(b"not a pickle")                                                # unreadable: restart
+    assert sv.main(["--dry-run", "--sweep", "demo", "--set", f"path_relative={root}"]) == 0
+    captured = capsys.readouterr()
+    started = [shlex.split(line) for line in captured.out.splitlines()]
+    assert [(w[w.index("-spec_name") + 1], w[w.index("-run") + 1]) for w in started] == [("relu", "2"), ("ABU", "2")]
+    assert "1 of 4 runs already complete: skipped" in captured.err
+    assert "1 diverged runs skipped (not restarted): ABU run 1" in captured.err
+
+
+# ---------------------------------------------------------------- job scripts
+
+FAKE_PYTHON = """#!/bin/sh
+# stands in for python on a node: prints how many arguments arrived, then each on its own line
+echo "argc $#"
+for a in "$@"; do echo "arg [$a]"; done
+"""
+
+
+@pytest.mark.parametrize("backend", ["slurm", "sge"])
+def test_job_array_scripts(tmp_path, capsys, monkeypatch, backend):
+    root = str(tmp_path / "root")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    monkeypatch.setitem(sv.CLUSTER, "python", str(fake))
+    monkeypatch.setitem(sv.CLUSTER, "time_minutes", 120)
+    monkeypatch.setitem(sv.CLUSTER, "max_parallel", 3)
+    monkeypatch.setitem(sv.CLUSTER, "slurm_partition", "short")
+    monkeypatch.setitem(sv.CLUSTER, "sge_queue", "all.q")
+    write_record(root, "exp2", "relu", 2, test_completed=True)                       # left out of the array
+    assert sv.main(["--backend", backend, "--dry-run", "--specs", "relu,ABU_P", "--runs", "1-3",
+                    "--experiment", "exp2", "--set", f"path_relative={root}"]) == 0
+    exp = os.path.join(root, "3_output_cifar", "exp2")
+    [script] = glob.glob(os.path.join(exp, "0_jobs", f"exp2_{backend}_*.sh"))
+    tasks_file = script[:-len(".sh")] + "_tasks.tsv"
+    assert f"wrote {script} (5 tasks)" in capsys.readouterr().out
+    text = open(script).read()
+    variable = "SLURM_ARRAY_TASK_ID" if backend == "slurm" else "SGE_TASK_ID"
+    assert f'line=$(sed -n "${{{variable}}}p" {tasks_file})' in text.splitlines()
+    if backend == "slurm":
+        for line in ("#SBATCH --array=1-5%3", "#SBATCH --time=0-02:00:00", "#SBATCH --cpus-per-task=4",
+                     "#SBATCH --mem=16G", "#SBATCH --partition=short", "#SBATCH --job-name=exp2"):
+            assert line in text.splitlines()
+    else:
+        for line in ("#$ -t 1-5", "#$ -tc 3", "#$ -pe smp 4", "#$ -l h_rt=02:00:00,h_vmem=16G", "#$ -q all.q",
+                     "#$ -N exp2"):
+            assert line in text.splitlines()
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    tasks = [line.split("\t") for line in open(tasks_file).read().splitlines()]
+    assert [(t[0], t[1]) for t in tasks] == [("relu", "1"), ("relu", "3"), ("ABU_P", "1"), ("ABU_P", "2"),
+                                            ("ABU_P", "3")]
+    for spec, run, log, cmd in tasks:
+        assert log == os.path.join(exp, spec, f"run_{run}", f"log_{spec}_run_{run}.txt")
+        words = shlex.split(cmd)
+        assert words[:2] == [str(fake), "deepnet_main.py"]
+        assert words[words.index("-walltime") + 1] == "110"          # 120 min job - 10 min margin
+    # run task 4 as the scheduler would: it must pick line 4 and pass every argument intact
+    result = subprocess.run(["bash", script], env=dict(os.environ, **{variable: "4"}), capture_output=True)
+    assert result.returncode == 0, result.stderr
+    log = open(tasks[3][2]).read().splitlines()
+    expected = shlex.split(tasks[3][3])[1:]
+    assert log[0].startswith("=== ") and "task 4" in log[0]
+    assert log[1] == f"argc {len(expected)}"
+    assert log[2:] == [f"arg [{a}]" for a in expected]
+    assert "arg []" in log                                            # -load_af_weights_from ''
+
+
+# ---------------------------------------------------------------- local pool with stand-in runs
+
+FAKE_RUN = """import os, pickle, signal, sys, time
+record_path, mode, marker = sys.argv[1:4]
+print("fake run", mode, flush=True)
+if mode == "fail":
+    sys.exit(3)
+if mode == "sleep":
+    def stop(signum, frame):
+        open(marker, "w").write("checkpointed")
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    time.sleep(60)
+    sys.exit(0)
+with open(record_path, "wb") as handle:
+    pickle.dump({"test_completed": mode == "ok", "diverged": False}, handle)
+"""
+
+
+def fake_runs(tmp_path, monkeypatch, modes):
+    """Settings of stand-in runs and a patched command() that starts FAKE_RUN in the given mode."""
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    root = str(tmp_path / "root")
+    runs = [sv.run_settings(sv.SETTINGS, {}, {"path_relative": root}, "exp", spec, run) for spec, run in modes]
+
+    def command(settings, python=None):
+        spec, run = settings["spec_name"], settings["run"]
+        record = os.path.join(sv.run_dir(settings), f"record_{spec}_run_{run}.pkl")
+        return [PY, str(script), record, modes[spec, run], str(tmp_path / f"stopped_{spec}_{run}")]
+
+    monkeypatch.setattr(sv, "command", command)
+    return runs
+
+
+def test_local_pool_reports_progress_and_failures(tmp_path, monkeypatch):
+    modes = {("a", 1): "ok", ("a", 2): "fail", ("b", 1): "ok", ("b", 2): "walltime"}
+    runs = fake_runs(tmp_path, monkeypatch, modes)
+    lines = []
+    counts = sv.run_local(runs, 2, lines.append)
+    assert counts == {"complete": 2, "incomplete": 1, "diverged": 0, "failed": 1}
+    progress = [line for line in lines if line.startswith("[")]
+    assert sorted(line.split("]")[0] for line in progress) == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    failed = next(line for line in progress if " a run 2:" in line)
+    assert f"FAILED (exit status 3), log: {sv.log_path(runs[1])}" in failed
+    assert "failures 1" in progress[-1] and "ETA 0:00:00" in progress[-1]
+    assert any("b run 2: stopped before the end" in line for line in progress)
+    assert lines[-1] == "finished: 2 complete, 1 failed, 1 incomplete, 0 diverged"
+    # logs are appended, never overwritten
+    sv.run_local(runs[1:2], 1, lambda line: None)
+    log = open(sv.log_path(runs[1])).read()
+    assert log.count("deepnet_supervisor:") == 2 and log.count("fake run fail") == 2
+    assert sv.run_state(runs[0]) == "complete" and sv.run_state(runs[3]) == "todo"
+
+
+def test_interrupt_stops_the_children_with_sigterm(tmp_path, monkeypatch):
+    modes = {("a", 1): "sleep", ("a", 2): "sleep", ("a", 3): "ok"}
+    runs = fake_runs(tmp_path, monkeypatch, modes)
+
+    def interrupt_when_started():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            logs = [sv.log_path(s) for s in runs[:2]]
+            if all(os.path.exists(p) and "fake run sleep" in open(p).read() for p in logs):
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    lines = []
+    thread = threading.Thread(target=interrupt_when_started)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        sv.run_local(runs, 2, lines.append)
+    thread.join()
+    for run in (1, 2):
+        assert (tmp_path / f"stopped_a_{run}").read_text() == "checkpointed"
+    assert not os.path.exists(sv.log_path(runs[2]))                   # never started
+    assert any(line.startswith("interrupted: stopping 2 running run(s)") for line in lines)
+
+
+# ---------------------------------------------------------------- data
+
+def test_missing_data_falls_back_to_synthetic_with_one_line(tmp_path):
+    import deepnet_task_cifar_preprocessing as prep
+    settings = dict(sv.SETTINGS, path_relative=str(tmp_path))
+    with pytest.raises(sv.UserError, match="download or preprocessing failed"):
+        sv.ensure_data(settings, synthetic_fallback=False, out=lambda line: None)
+    lines = []
+    sv.ensure_data(settings, synthetic_fallback=True, out=lines.append)
+    assert sum("download of cifar10 failed" in line and "synthetic" in line for line in lines) == 1
+    assert all(os.path.isfile(p) for p in prep.output_paths(str(tmp_path), "cifar10", "ztrans"))
+    lines = []
+    sv.ensure_data(settings, synthetic_fallback=True, out=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("note:") and "synthetic" in lines[0]
+
+
+# ---------------------------------------------------------------- real sweeps
+
+TINY = ["--set", "network=smcnLin", "--set", "minibatch_size=16", "--set", "n_minibatches=24", "--set", "val_every=4",
+        "--set", "epochs_between_checkpoints=1", "--set", "safe_af_ws_n=3", "--set", "safe_all_ws_n=1",
+        "--set", "create_lc_on_the_fly=False"]
+
+
+def tiny_synthetic_root(path):
+    import deepnet_task_cifar_preprocessing as prep
+    root = str(path)
+    prep.write_synthetic_raw(root, task="cifar10", n_train=320, n_test=80, seed=0)
+    prep.preprocess_task(root, "cifar10", ["ztrans"])
+    return root
+
+
+def test_real_local_sweep(tmp_path):
+    root = tiny_synthetic_root(tmp_path)
+    args = ["--sweep", "demo", "--experiment", "tiny", "--workers", "2", "--set", f"path_relative={root}", *TINY]
+    exp = os.path.join(root, "3_output_cifar", "tiny")
+    orphan = os.path.join(exp, "ABU", "run_2", "run_info_tiny_ABU_run_2.txt")
+    os.makedirs(os.path.dirname(orphan))
+    open(orphan, "w").write("left over\n")                       # deepnet_main refuses this run: a failure
+    first = run_supervisor(args)
+    assert first.returncode == 1, first.stdout + first.stderr
+    progress = [line for line in first.stdout.splitlines() if line.startswith("[")]
+    assert len(progress) == 4
+    failed = [line for line in progress if "FAILED" in line]
+    assert len(failed) == 1 and " ABU run 2: FAILED (exit status 2), log: " in failed[0]
+    assert f"log: {os.path.join(exp, 'ABU', 'run_2', 'log_ABU_run_2.txt')} in " in failed[0]
+    assert "failures 1" in progress[-1]
+    for spec, run in (("relu", 1), ("relu", 2), ("ABU", 1)):
+        record = load_record(root, "tiny", spec, run)
+        assert record["test_completed"] and record["settings"]["network"] == "smcnLin"
+        assert record["settings"]["n_minibatches"] == 24 and len(record["train_top1_hist"]) == 24
+        log = open(os.path.join(exp, spec, f"run_{run}", f"log_{spec}_run_{run}.txt")).read()
+        assert log.count("deepnet_supervisor:") == 1 and f"{spec}/run {run}: test at mb" in log
+    assert load_record(root, "tiny", "ABU", 1)["settings"]["af_set"] == "5_blend5_swish"
+    table = open(os.path.join(exp, "0_analysis", "main_performance_analysis.csv")).read().splitlines()
+    assert [row.split(";")[:2] for row in table[1:]] == [["ABU", "1"], ["relu", "2"]]
+    assert "ABU run 2: no recorder file" in first.stdout          # the analysis names the missing run
+
+    os.remove(orphan)
+    second = run_supervisor(args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "3 of 4 runs already complete: skipped" in second.stdout
+    assert [line.split("]")[0] for line in second.stdout.splitlines() if line.startswith("[")] == ["[1/1"]
+    assert load_record(root, "tiny", "ABU", 2)["test_completed"]
+    table = open(os.path.join(exp, "0_analysis", "main_performance_analysis.csv")).read().splitlines()
+    assert [row.split(";")[:2] for row in table[1:]] == [["ABU", "2"], ["relu", "2"]]
+    assert os.path.isfile(os.path.join(exp, "0_analysis", "significance.csv"))
+
+    began = time.time()
+    third = run_supervisor([*args, "--no-analysis"])
+    assert third.returncode == 0 and "4 of 4 runs already complete: skipped" in third.stdout
+    assert not any(line.startswith("[") for line in third.stdout.splitlines())
+    assert time.time() - began < 60
+    for spec, run in (("relu", 1), ("ABU", 2)):
+        log = open(os.path.join(exp, spec, f"run_{run}", f"log_{spec}_run_{run}.txt")).read()
+        assert log.count("deepnet_supervisor:") == (2 if (spec, run) == ("ABU", 2) else 1)
+
+
+@pytest.mark.skipif(os.environ.get("DEEPNET_TEST_SLURM") != "1",
+                    reason="needs a running single-node SLURM; set DEEPNET_TEST_SLURM=1 (see module docstring)")
+def test_real_slurm_sweep(tmp_path, monkeypatch):
+    root = tiny_synthetic_root(tmp_path)
+    monkeypatch.setitem(sv.CLUSTER, "cpus", 1)
+    monkeypatch.setitem(sv.CLUSTER, "mem", "1500M")
+    monkeypatch.setitem(sv.CLUSTER, "time_minutes", 20)
+    args = ["--sweep", "demo", "--specs", "relu", "--experiment", "slurm", "--backend", "slurm",
+            "--set", f"path_relative={root}", *TINY]
+    lines = []
+    assert sv.main(args, out=lines.append) == 0
+    assert any(line.startswith("Submitted batch job") for line in lines)
+    deadline = time.time() + 600
+    records = [os.path.join(root, "3_output_cifar", "slurm", "relu", f"run_{r}", f"record_relu_run_{r}.pkl")
+               for r in (1, 2)]
+    settings = [sv.run_settings(sv.SETTINGS, {}, {"path_relative": root}, "slurm", "relu", r) for r in (1, 2)]
+    while time.time() < deadline and not all(sv.run_state(s) == "complete" for s in settings):
+        time.sleep(2)
+    assert all(os.path.isfile(p) for p in records)
+    assert all(sv.run_state(s) == "complete" for s in settings)
+    for s in settings:
+        log = open(sv.log_path(s)).read()
+        assert "task " in log and "-walltime 10" in log and "test at mb" in log
+    lines = []
+    assert sv.main(args, out=lines.append) == 0                    # all complete: analysis only
+    assert "every run is complete" in lines
+    assert os.path.isfile(os.path.join(root, "3_output_cifar", "slurm", "0_analysis",
+                                       "main_performance_analysis.csv"))
