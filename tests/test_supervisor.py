@@ -1,13 +1,6 @@
 """deepnet_supervisor: commands, selections, overrides, job scripts, skip logic, a real local sweep.
 
-test_real_slurm_sweep runs only with DEEPNET_TEST_SLURM=1, on a machine with a running single-node
-SLURM. On Debian bookworm as root (no network beyond the package mirror; about 30 s):
-    apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
-    write /etc/slurm/slurm.conf: SLURM_CONF below, formatted with host=$(hostname), cpus=$(nproc)
-    mkdir -p /var/lib/slurm/slurmd /var/lib/slurm/slurmctld /var/log/slurm /run/munge
-    chown munge:munge /run/munge && su -s /bin/sh munge -c /usr/sbin/munged
-    /usr/sbin/slurmctld && /usr/sbin/slurmd
-    until sinfo -h -o %t | grep -qx idle; do sleep 1; done
+The real SLURM sweep is in tests_cluster/ (it needs the single-node SLURM that .ci/start_slurm.sh starts).
 """
 import glob
 import os
@@ -25,32 +18,6 @@ import deepnet_supervisor as sv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-
-SLURM_CONF = """ClusterName=local
-SlurmctldHost={host}
-AuthType=auth/munge
-CryptoType=crypto/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-MpiDefault=none
-SlurmUser=root
-SlurmdUser=root
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
-SlurmdSpoolDir=/var/lib/slurm/slurmd
-StateSaveLocation=/var/lib/slurm/slurmctld
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-ReturnToService=2
-NodeName={host} CPUs={cpus} RealMemory=4000 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-"""
 
 # The command of one run, written out by hand: every deepnet_main flag in the supervisor's order.
 EXPECTED_ABU_S_RUN_5 = (
@@ -432,33 +399,3 @@ def test_real_local_sweep(tmp_path):
     for spec, run in (("relu", 1), ("ABU", 2)):
         log = open(os.path.join(exp, spec, f"run_{run}", f"log_{spec}_run_{run}.txt")).read()
         assert log.count("deepnet_supervisor:") == (2 if (spec, run) == ("ABU", 2) else 1)
-
-
-@pytest.mark.skipif(os.environ.get("DEEPNET_TEST_SLURM") != "1",
-                    reason="needs a running single-node SLURM; set DEEPNET_TEST_SLURM=1 (see module docstring)")
-def test_real_slurm_sweep(tmp_path, monkeypatch):
-    root = tiny_synthetic_root(tmp_path)
-    monkeypatch.setitem(sv.CLUSTER, "cpus", 1)
-    monkeypatch.setitem(sv.CLUSTER, "mem", "1500M")
-    monkeypatch.setitem(sv.CLUSTER, "time_minutes", 20)
-    args = ["--sweep", "demo", "--specs", "relu", "--experiment", "slurm", "--backend", "slurm",
-            "--set", f"path_relative={root}", *TINY]
-    lines = []
-    assert sv.main(args, out=lines.append) == 0
-    assert any(line.startswith("Submitted batch job") for line in lines)
-    deadline = time.time() + 600
-    records = [os.path.join(root, "3_output_cifar", "slurm", "relu", f"run_{r}", f"record_relu_run_{r}.pkl")
-               for r in (1, 2)]
-    settings = [sv.run_settings(sv.SETTINGS, {}, {"path_relative": root}, "slurm", "relu", r) for r in (1, 2)]
-    while time.time() < deadline and not all(sv.run_state(s) == "complete" for s in settings):
-        time.sleep(2)
-    assert all(os.path.isfile(p) for p in records)
-    assert all(sv.run_state(s) == "complete" for s in settings)
-    for s in settings:
-        log = open(sv.log_path(s)).read()
-        assert "task " in log and "-walltime 10" in log and "test at mb" in log
-    lines = []
-    assert sv.main(args, out=lines.append) == 0                    # all complete: analysis only
-    assert "every run is complete" in lines
-    assert os.path.isfile(os.path.join(root, "3_output_cifar", "slurm", "0_analysis",
-                                       "main_performance_analysis.csv"))

@@ -1,0 +1,40 @@
+"""A real 2-task SLURM job array of the demo sweep, on the single-node SLURM of .ci/start_slurm.sh.
+
+Not part of the README's test command (it needs root and Debian's slurm packages); CI runs it after
+starting SLURM.
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from test_supervisor import TINY, sv, tiny_synthetic_root  # noqa: E402
+
+
+def test_real_slurm_sweep(tmp_path, monkeypatch):
+    root = tiny_synthetic_root(tmp_path)
+    monkeypatch.setitem(sv.CLUSTER, "cpus", 1)
+    monkeypatch.setitem(sv.CLUSTER, "mem", "1500M")
+    monkeypatch.setitem(sv.CLUSTER, "time_minutes", 20)
+    args = ["--sweep", "demo", "--specs", "relu", "--experiment", "slurm", "--backend", "slurm",
+            "--set", f"path_relative={root}", *TINY]
+    lines = []
+    assert sv.main(args, out=lines.append) == 0
+    assert any(line.startswith("Submitted batch job") for line in lines)
+    deadline = time.time() + 600
+    records = [os.path.join(root, "3_output_cifar", "slurm", "relu", f"run_{r}", f"record_relu_run_{r}.pkl")
+               for r in (1, 2)]
+    settings = [sv.run_settings(sv.SETTINGS, {}, {"path_relative": root}, "slurm", "relu", r) for r in (1, 2)]
+    while time.time() < deadline and not all(sv.run_state(s) == "complete" for s in settings):
+        time.sleep(2)
+    assert all(os.path.isfile(p) for p in records)
+    assert all(sv.run_state(s) == "complete" for s in settings)
+    for s in settings:
+        log = open(sv.log_path(s)).read()
+        assert "task " in log and "-walltime 10" in log and "test at mb" in log
+    lines = []
+    assert sv.main(args, out=lines.append) == 0                    # all complete: analysis only
+    assert "every run is complete" in lines
+    assert os.path.isfile(os.path.join(root, "3_output_cifar", "slurm", "0_analysis",
+                                       "main_performance_analysis.csv"))
