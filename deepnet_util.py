@@ -1,4 +1,5 @@
 """Small shared pieces: quiet TensorFlow import, user errors, safe pickles, atomic writes."""
+import contextlib
 import io
 import json
 import os
@@ -18,11 +19,18 @@ def fail(message):
 
 
 def run_cli(main, argv=None):
-    """Call main(argv); turn a UserError into one error line and exit status 2."""
+    """Call main(argv) with one-line errors: bad input exits 2, a failed write (e.g. a full disk) 1,
+    Ctrl-C outside the training loop 130."""
     try:
         return main(argv)
     except UserError as err:
         fail(str(err))
+    except OSError as err:
+        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def import_tf():
@@ -100,14 +108,20 @@ def load_pickle(path, encoding="ASCII"):
 
 # ---------------------------------------------------------------- atomic writes
 
-def atomic_write_bytes(path, data):
-    """Write data to path through a temporary file and a rename: readers see old or new, never half."""
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """Yield a binary file handle on a temporary file beside path; it replaces path only if the block completes."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from a shared group
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -117,8 +131,21 @@ def atomic_write_bytes(path, data):
         raise
 
 
+def atomic_write_bytes(path, data):
+    """Write data to path through a temporary file and a rename: readers see old or new, never half."""
+    with atomic_open(path) as handle:
+        handle.write(data)
+
+
 def save_pickle(path, obj):
     atomic_write_bytes(path, pickle.dumps(obj, protocol=4))
+
+
+def save_pickle_streamed(path, obj):
+    """Atomic like save_pickle, but pickles (protocol 5) straight into the file: large numpy arrays are written
+    from their own memory, with no in-memory copy of the pickle (load_pickle reads it)."""
+    with atomic_open(path) as handle:
+        pickle.dump(obj, handle, protocol=5)
 
 
 def save_json(path, obj):
