@@ -10,9 +10,13 @@ The leading count must equal the number of functions. Each activated layer owns 
 (shape [n]) and, when a blend contains jswish, ``swish_beta``; the blend mode maps the raw weights
 to the effective weights that multiply the functions.
 """
+import fcntl
 import glob
+import hashlib
 import os
 import re
+import subprocess
+import sys
 from collections import namedtuple
 
 import numpy as np
@@ -107,11 +111,13 @@ def effective_weights_numpy(blend_weights_raw, blend_mode):
 
 
 def activation(preact, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="unrestricted",
-               component_transform=None):
+               component_transform=None, fused=None):
     """Build the blended activation sum_i w_i f_i(preact) for effective weights w (TF ops).
 
     Weights and beta may be tensors or variables; gradients flow to them. ``component_transform``
-    (used by batch-normalised nets) is applied to each component before blending.
+    (used by batch-normalised nets) is applied to each component before blending. Without a
+    transform, the blend5 set and 1_relu run as fused kernels (see _fused_abu) unless ``fused`` is
+    False (None: the module flag FUSED_ABU; True: the kernel is required).
     """
     names = parse_af_set(af_set)
     raw = tf.convert_to_tensor(blend_weights_raw, dtype=preact.dtype)
@@ -119,6 +125,9 @@ def activation(preact, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="un
         raise ValueError(f"activation set '{af_set}' needs {len(names)} blend weights, got shape {raw.shape}")
     weights = effective_weights(raw, blend_mode)
     beta = tf.convert_to_tensor(swish_beta, dtype=preact.dtype)
+    kernel = _fused_kernel(names, preact, beta, fused) if component_transform is None else None
+    if kernel is not None:
+        return kernel(preact, weights, beta)
     components = [BASE_FUNCTIONS[name].graph(preact, beta) for name in names]
     if component_transform is not None:
         components = [component_transform(c, i) for i, c in enumerate(components)]
@@ -136,6 +145,127 @@ def activation_numpy(x, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="u
         raise ValueError(f"activation set '{af_set}' needs {len(names)} blend weights, got {weights.shape}")
     x = np.asarray(x, dtype=np.float64)
     return sum(w * BASE_FUNCTIONS[name].numpy(x, float(swish_beta)) for w, name in zip(weights, names))
+
+
+# ---------------------------------------------------------------- fused activation kernels
+# The plain composition above costs ~20 memory passes and 5 full-size intermediates per layer.
+# deepnet_abu_op.cc computes the blend5 ABU in one pass and its gradients w.r.t. x, the five
+# effective weights and beta in a second one (two exps per element, recomputed from x); 1_relu's
+# w * relu(x) likewise (its gradient w.r.t. x and w in one pass instead of four). Same mathematics
+# as the plain composition. Compiled on first use into a per-user cache; without a compiler, or
+# with a GPU, the plain composition is used.
+
+FUSED_ABU = os.environ.get("DEEPNET_FUSED_ABU", "1") != "0"  # False: the plain composition everywhere
+_ABU_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepnet_abu_op.cc")
+_abu_state = {}  # "library": the loaded op module, or None when it cannot be built
+
+
+def _fused_kernel(names, preact, beta, fused):
+    """The fused kernel for this activation, or None for the plain composition (fused=True: required)."""
+    if fused is False or (fused is None and not FUSED_ABU):
+        return None
+    kernel = {NAMED_BLENDS["blend5_swish"]: _fused_abu, ("relu",): _fused_scaled_relu}.get(tuple(names))
+    if kernel is None or preact.dtype not in (tf.float32, tf.float64) or beta.shape.rank != 0:
+        if fused:
+            raise ValueError("the fused kernels need the blend5 set or 1_relu, a float32/float64 input "
+                             "and a scalar beta")
+        return None
+    if fused is None and tf.config.list_physical_devices("GPU"):
+        return None
+    if _abu_library() is None:
+        if fused:
+            raise RuntimeError("the fused activation kernels could not be built (see the warning above)")
+        return None
+    return kernel
+
+
+def _fused_abu(x, weights, beta):
+    """w0 relu(x) + w1 elu(x) + w2 tanh(x) + w3 x sigmoid(beta x) + w4 x as one op; weights [5]
+    are the effective weights (the blend mode stays outside, autodiff handles it)."""
+    return _abu_library().deepnet_abu_forward(x, weights, beta)
+
+
+def _fused_scaled_relu(x, weights, beta=None):
+    """weights[0] * relu(x) as one op (1_relu; beta is unused)."""
+    return _abu_library().deepnet_scaled_relu(x, weights[0])
+
+
+def _abu_gradient(op, dy):
+    x, weights, beta = op.inputs
+    return _abu_library().deepnet_abu_backward(x, dy, weights, beta)
+
+
+def _scaled_relu_gradient(op, dy):
+    x, weight = op.inputs
+    return _abu_library().deepnet_scaled_relu_grad(x, dy, weight)
+
+
+def _abu_library():
+    """The loaded kernel, built on first use; None (after one warning) if it cannot be."""
+    if "library" not in _abu_state:
+        _abu_state["library"] = _load_abu_library()
+    return _abu_state["library"]
+
+
+def _load_abu_library():
+    try:
+        path = _abu_library_path()
+        if not os.path.exists(path):
+            _build_abu_library(path)
+        library = tf.load_op_library(path)
+    except (OSError, tf.errors.OpError) as err:
+        print(f"warning: fused activation kernels unavailable ({err}); using the plain composition",
+              file=sys.stderr)
+        return None
+    for op_type, gradient in (("DeepnetAbuForward", _abu_gradient), ("DeepnetScaledRelu", _scaled_relu_gradient)):
+        try:
+            tf.RegisterGradient(op_type)(gradient)
+        except KeyError:  # registered by an earlier import of this module
+            pass
+    return library
+
+
+def _abu_build_command(output):
+    return [os.environ.get("CXX", "g++"), "-shared", "-fPIC", "-O3", "-march=native", "-fno-trapping-math",
+            "-fno-math-errno", "-w", *tf.sysconfig.get_compile_flags(), _ABU_SOURCE, "-o", output,
+            *tf.sysconfig.get_link_flags()]
+
+
+def _cpu_signature():
+    """The CPU's feature flags: a kernel built with -march=native only runs on such a CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _abu_library_path():
+    """The cached kernel for this source, TensorFlow, build command and CPU."""
+    with open(_ABU_SOURCE, "rb") as f:
+        source = f.read()
+    key = repr((tf.version.VERSION, _abu_build_command("out.so"), _cpu_signature())).encode()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    digest = hashlib.sha256(source + key).hexdigest()[:16]
+    return os.path.join(cache, "deepnet_abu", f"deepnet_abu_{digest}.so")
+
+
+def _build_abu_library(path):
+    """Compile the kernel to path, once across concurrent processes (lock file, atomic rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(path):
+            return
+        partial = f"{path}.{os.getpid()}.tmp"
+        result = subprocess.run(_abu_build_command(partial), capture_output=True, text=True)
+        if result.returncode != 0:
+            if os.path.exists(partial):
+                os.remove(partial)
+            lines = (result.stderr + result.stdout).strip().splitlines() or ["no compiler output"]
+            first_error = next((line for line in lines if "error" in line), lines[-1])
+            raise OSError(f"compiling {_ABU_SOURCE} failed: {first_error.strip()}")
+        os.replace(partial, path)
 
 
 # ---------------------------------------------------------------- architectures, as data

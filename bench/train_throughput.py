@@ -1,0 +1,257 @@
+"""Training-step throughput of the activation functions on smcn, side by side in one process.
+
+    python bench/train_throughput.py            # default run, a few minutes on 2 cores
+    python bench/train_throughput.py --quick    # a short run (fewer steps)
+
+Every graph is built by the suite's own deepnet_network.build_model (minibatch 256, CIFAR-shaped
+random data, keep_probs [0.5], training True, Adam, weight decay) in its own session with the
+suite's default session config. After a warm-up the configurations take turns (in an order rotated
+every round), --reps rounds of --steps train_op runs (and as many eval passes) each, so machine load
+hits them alike; figures are medians over all steps.
+The eval pass is sess.run of the loss and top-1 with training False and no dropout.
+Peak RSS is that of a child process that builds only this configuration and runs a few steps
+(VmHWM; it includes TensorFlow itself), since one process holding all graphs cannot tell them apart.
+
+"plain (before)" rows force the plain composition of TF ops (deepnet_network.FUSED_ABU = False);
+the others use the fused kernels of deepnet_abu_op.cc, as training does. "x relu" is relative to
+the fused fixed 1_relu, the fastest exact ReLU.
+
+The last line is ``abu_over_relu=<x.xx> loop_efficiency=<y.yy>``: the fused 5_blend5_swish
+(unrestricted) step time over the fixed 1_relu one, and the suite training loop's images/s over
+a bare sess.run(train_op) loop's. Targets (issue): ABU <= 1.20 x ReLU, adaptive scaling <= 1.05 x
+fixed ReLU, an eval image < 1/3 of a train-step image.
+"""
+import argparse
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from collections import namedtuple
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import deepnet_network as net  # noqa: E402
+
+tf = net.tf
+
+Config = namedtuple("Config", "label af_set blend_mode trainable fused")
+
+CONFIGS = [
+    Config("1_relu fixed", "1_relu", "unrestricted", False, True),
+    Config("1_relu adaptive scaling", "1_relu", "unrestricted", True, True),
+    Config("1_relu fixed plain (before)", "1_relu", "unrestricted", False, False),
+    Config("1_relu adaptive scaling plain (before)", "1_relu", "unrestricted", True, False),
+    Config("5_blend5_swish unrestricted plain (before)", "5_blend5_swish", "unrestricted", True, False),
+    Config("5_blend5_swish unrestricted fused (after)", "5_blend5_swish", "unrestricted", True, True),
+    Config("5_blend5_swish normalized plain (before)", "5_blend5_swish", "normalized", True, False),
+    Config("5_blend5_swish normalized fused (after)", "5_blend5_swish", "normalized", True, True),
+]
+RELU, ADAPTIVE, RELU_PLAIN, ABU_PLAIN, ABU = (CONFIGS[i].label for i in (0, 1, 2, 4, 5))
+
+
+def bench_settings(config, seed=1):
+    """The settings dict build_model reads, for one configuration."""
+    return dict(network="smcn", af_set=config.af_set, blend_mode=config.blend_mode,
+                blend_trainable=config.trainable, swish_beta_trainable=config.trainable, seed=seed,
+                n_classes=10, use_wd=True, wd_lambda=0.004, optimizer="Adam")
+
+
+class Runner:
+    """One configuration's graph and session, with its timings."""
+
+    def __init__(self, config, images, labels):
+        self.config = config
+        self.graph = tf.Graph()
+        saved, net.FUSED_ABU = net.FUSED_ABU, config.fused
+        try:
+            with self.graph.as_default():
+                self.model = net.build_model(bench_settings(config))
+                init = tf.global_variables_initializer()
+        finally:
+            net.FUSED_ABU = saved
+        self.sess = tf.Session(graph=self.graph)
+        self.sess.run(init)
+        inputs = self.model.inputs
+        self.train_feed = {inputs.images: images, inputs.labels: labels, inputs.keep_probs: [0.5],
+                           inputs.training: True}
+        self.eval_feed = {inputs.images: images, inputs.labels: labels}
+        self.train_times, self.eval_times, self.peak_rss = [], [], float("nan")
+        self.step = 0
+
+    def uses_fused_kernel(self):
+        kernels = ("DeepnetAbuForward", "DeepnetScaledRelu")
+        return any(op.type in kernels for op in self.graph.get_operations())
+
+    def train_steps(self, n, record=True):
+        for _ in range(n):
+            self.train_feed[self.model.inputs.step] = self.step
+            start = time.perf_counter()
+            self.sess.run(self.model.train_op, self.train_feed)
+            if record:
+                self.train_times.append(time.perf_counter() - start)
+            self.step += 1
+
+    def eval_steps(self, n, record=True):
+        for _ in range(n):
+            start = time.perf_counter()
+            self.sess.run([self.model.loss, self.model.top1], self.eval_feed)
+            if record:
+                self.eval_times.append(time.perf_counter() - start)
+
+
+def measure_loop_efficiency(settings, steps, reps=3):
+    """Images/s of the suite's training loop (Trainer._train, validation, checkpoints and weight
+    saving switched off, summaries every -val_every steps as in a real run) over images/s of a bare
+    sess.run(train_op) loop with one fixed feed, on the same graph and session, alternating; medians."""
+    import tempfile
+    import deepnet_main
+    import deepnet_task_cifar as task
+    from deepnet_util import save_pickle
+    batch = 256
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as root:
+        for split, n in (("train", batch * 24), ("test", batch)):
+            save_pickle(os.path.join(root, "1_data_cifar10", f"{split}_set_ztrans", f"cifar10_{split}set.pkl"),
+                        {"images": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+                         "labels": rng.integers(0, 10, n).astype(np.int64)})
+        flags = ["-path_relative", root, "-network", settings["network"], "-af_set", settings["af_set"],
+                 "-blend_mode", settings["blend_mode"], "-blend_trainable", str(settings["blend_trainable"]),
+                 "-swish_beta_trainable", str(settings["swish_beta_trainable"]), "-minibatch_size", str(batch)]
+        s = deepnet_main.validate(vars(deepnet_main.parser().parse_args(flags)))
+        train, test = (task.load_dataset(p, 10) for p in task.data_files(s))
+        data = task.Data(train, test, task.make_split(len(train[1]), s), batch)
+        with task.StopRequest() as stop:
+            trainer = task.Trainer(s, task.run_paths(s), data, None, lambda line: None, stop)
+            trainer.val_mbs = trainer.ckpt_mbs = trainer.af_mbs = trainer.all_mbs = set()
+            trainer.sess.run(trainer.init_op)
+            trainer.record = task.new_recorder(s, data.mbs_per_epoch)
+            inputs = trainer.model.inputs
+            feed = {inputs.images: data.train_images[:batch], inputs.labels: data.train_labels[:batch],
+                    inputs.keep_probs: s["dropout_keep_probs"], inputs.training: True}
+
+            def suite_loop(n):
+                s["n_minibatches"] = trainer.record["mb_count_total"] + n
+                start = time.perf_counter()
+                trainer._train()
+                return time.perf_counter() - start
+
+            def bare_loop(n):
+                start = time.perf_counter()
+                for _ in range(n):
+                    trainer.sess.run(trainer.model.train_op, feed)
+                return time.perf_counter() - start
+
+            suite_loop(3), bare_loop(3)
+            suite, bare = [], []
+            for _ in range(reps):
+                suite.append(suite_loop(steps))
+                bare.append(bare_loop(steps))
+            trainer.writer.close()
+            trainer.sess.close()
+    return float(np.median(bare) / np.median(suite))
+
+
+def time_side_by_side(runners, args):
+    for runner in runners:
+        runner.train_steps(args.warmup, record=False)
+        runner.eval_steps(args.warmup, record=False)
+    for round_index in range(args.reps):
+        start = round_index % len(runners)  # rotate the order: no configuration always goes first
+        for runner in runners[start:] + runners[:start]:
+            runner.train_steps(args.steps)
+            runner.eval_steps(args.steps)
+
+
+def child_peak_rss(index, batch):
+    """Peak RSS in bytes of a child process that runs only CONFIGS[index]."""
+    command = [sys.executable, os.path.abspath(__file__), "--rss-child", str(index), "--batch", str(batch)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    match = re.search(r"peak_rss_bytes=(\d+)", result.stdout)
+    return int(match.group(1)) if match else float("nan")
+
+
+def rss_child(index, images, labels):
+    """Build CONFIGS[index], run two train steps and an eval pass, print the peak RSS."""
+    runner = Runner(CONFIGS[index], images, labels)
+    runner.train_steps(2)
+    runner.eval_steps(1)
+    print(f"peak_rss_bytes={peak_rss_bytes()}")
+
+
+def peak_rss_bytes():
+    """This process's peak RSS: VmHWM (ru_maxrss can carry the parent's peak over from the spawn)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def report(runners, batch):
+    relu_ms = 1000 * np.median(next(r for r in runners if r.config.label == RELU).train_times)
+    header = (f"{'configuration':44s} {'ms/step':>8s} {'images/s':>9s} {'x relu':>7s} {'peak RSS':>9s} "
+              f"{'eval ms/img':>11s} {'train ms/img':>12s} {'eval/train':>10s}")
+    print(header)
+    print("-" * len(header))
+    for r in runners:
+        train_ms, eval_ms = 1000 * np.median(r.train_times), 1000 * np.median(r.eval_times)
+        print(f"{r.config.label:44s} {train_ms:8.1f} {1000 * batch / train_ms:9.1f} {train_ms / relu_ms:7.3f} "
+              f"{r.peak_rss / 2 ** 20:6.0f} MiB {eval_ms / batch:11.3f} {train_ms / batch:12.3f} "
+              f"{eval_ms / train_ms:10.3f}")
+
+
+def ratio(runners, label, base_label):
+    times = {r.config.label: np.median(r.train_times) for r in runners}
+    return times[label] / times[base_label]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1, help="train (and eval) steps per configuration per round")
+    parser.add_argument("--reps", type=int, default=10, help="rounds over all configurations")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    parser.add_argument("--batch", type=int, default=256, help="minibatch size")
+    parser.add_argument("--quick", action="store_true", help="a short run: --reps 3 --warmup 1 --no-rss")
+    parser.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak-RSS children")
+    parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.warmup, args.no_rss = 3, 1, True
+    if min(args.steps, args.reps, args.batch) < 1 or args.warmup < 0:
+        parser.error("--steps, --reps and --batch must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, args.batch).astype(np.int64)
+    if args.rss_child is not None:
+        return rss_child(args.rss_child, images, labels)
+    runners = [Runner(config, images, labels) for config in CONFIGS]
+    for r in runners:
+        if r.uses_fused_kernel() != r.config.fused:
+            print(f"warning: '{r.config.label}' {'lacks' if r.config.fused else 'has'} the fused kernel",
+                  file=sys.stderr)
+    time_side_by_side(runners, args)
+    for index, runner in enumerate(runners):
+        runner.peak_rss = float("nan") if args.no_rss else child_peak_rss(index, args.batch)
+    print(f"smcn, minibatch {args.batch}, {args.reps} rounds x {args.steps} steps, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    report(runners, args.batch)
+    print(f"adaptive/fixed relu = {ratio(runners, ADAPTIVE, RELU):.3f}   "
+          f"fused/plain ABU (unrestricted) = {ratio(runners, ABU, ABU_PLAIN):.3f}   "
+          f"before: plain ABU/plain fixed relu = {ratio(runners, ABU_PLAIN, RELU_PLAIN):.3f}")
+    efficiency = measure_loop_efficiency(bench_settings(CONFIGS[5]), steps=20, reps=1 if args.quick else 3)
+    print(f"training loop: suite loop / bare sess.run loop images/s = {efficiency:.3f}")
+    print(f"abu_over_relu={ratio(runners, ABU, RELU):.2f} loop_efficiency={efficiency:.2f}")
+
+
+if __name__ == "__main__":
+    main()
