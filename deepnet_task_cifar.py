@@ -113,26 +113,30 @@ def epoch_order(s, epoch, n_train):
 
 
 class Data:
-    """Training, validation and test arrays of one run (validation = test when there is no split)."""
+    """Training, validation and test arrays of one run (validation = test when there is no split).
+
+    The training images stay in the loaded array (no copy of the training part): a minibatch gathers
+    its rows through the split's indices in each epoch's order.
+    """
 
     def __init__(self, train, test, split, minibatch_size):
-        (images, labels), (self.test_images, self.test_labels) = train, test
-        train_idx, val_idx = split
-        self.train_images, self.train_labels = images[train_idx], labels[train_idx]
+        (self.images, self.labels), (self.test_images, self.test_labels) = train, test
+        self.train_idx, val_idx = split
         if len(val_idx):
-            self.val_images, self.val_labels = images[val_idx], labels[val_idx]
+            self.val_images, self.val_labels = self.images[val_idx], self.labels[val_idx]
         else:
             self.val_images, self.val_labels = self.test_images, self.test_labels
-        self.mbs_per_epoch = len(self.train_images) // minibatch_size
+        self.mbs_per_epoch = len(self.train_idx) // minibatch_size
         self._epoch, self._order = None, None
 
     def minibatch(self, step, batch_size, s):
         """Images and labels of training step `step` (1-based); reshuffled every epoch."""
         epoch, position = divmod(step - 1, self.mbs_per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, epoch_order(s, epoch, len(self.train_images))
+            self._epoch = epoch
+            self._order = self.train_idx[epoch_order(s, epoch, len(self.train_idx))]
         idx = self._order[position * batch_size:(position + 1) * batch_size]
-        return self.train_images[idx], self.train_labels[idx]
+        return self.images[idx], self.labels[idx]
 
 
 def check_data_fits(s, n_train_images):

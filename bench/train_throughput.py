@@ -131,7 +131,8 @@ def measure_loop_efficiency(settings, steps, reps=3):
             trainer.sess.run(trainer.init_op)
             trainer.record = task.new_recorder(s, data.mbs_per_epoch)
             inputs = trainer.model.inputs
-            feed = {inputs.images: data.train_images[:batch], inputs.labels: data.train_labels[:batch],
+            images, labels = data.minibatch(1, batch, s)
+            feed = {inputs.images: images, inputs.labels: labels,
                     inputs.keep_probs: s["dropout_keep_probs"], inputs.training: True}
 
             def suite_loop(n):
