@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 
 import deepnet_network as net
-from deepnet_util import UserError, load_pickle, save_json, save_pickle, save_text, atomic_write_bytes
+from deepnet_util import UserError, load_pickle, save_json, save_pickle, save_text
 
 tf = net.tf
 
