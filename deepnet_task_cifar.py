@@ -553,7 +553,7 @@ def run_training(s, out=print):
     state, record = read_state(paths)
     if state in ("orphan", "diverged"):  # nothing to do and nothing to write
         return _finished(s, paths, state, record, out)
-    if state not in ("complete", "diverged"):
+    if state != "complete":
         n_classes = N_CLASSES[s["task"]]
         train_path, test_path = data_files(s)
         train, test = load_dataset(train_path, n_classes), load_dataset(test_path, n_classes)
@@ -565,8 +565,10 @@ def run_training(s, out=print):
         remove_temporary_files(paths)
         if state == "resume":
             check_same_settings(s, load_pickle(latest_checkpoint_record(paths)))
-        split = load_pickle(paths["split"]) if os.path.exists(paths["split"]) else make_split(len(train[1]), s)
-        if not os.path.exists(paths["split"]):
+        if os.path.exists(paths["split"]):
+            split = load_pickle(paths["split"])
+        else:
+            split = make_split(len(train[1]), s)
             save_pickle(paths["split"], split)
         data = Data(train, test, split, s["minibatch_size"])
         del train
