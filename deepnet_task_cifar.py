@@ -469,6 +469,13 @@ class RunLock:
         self.handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
         self.handle.flush()
 
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
 
 class StopRequest:
     """While active, SIGTERM / Ctrl-C only set a flag: the loop finishes its step, checkpoints, exits."""
@@ -558,7 +565,7 @@ def run_training(s, out=print):
         train_path, test_path = data_files(s)
         train, test = load_dataset(train_path, n_classes), load_dataset(test_path, n_classes)
         check_data_fits(s, len(train[1]))
-    with _locked(paths), StopRequest() as stop:
+    with RunLock(paths["lock"]), StopRequest() as stop:
         state, record = read_state(paths)  # again, now that no other process can change it
         if state in ("complete", "diverged", "orphan"):
             return _finished(s, paths, state, record, out)
@@ -606,17 +613,6 @@ def check_same_settings(s, record):
 def latest_checkpoint_record(paths):
     found = checkpoint_dirs(paths["models"])
     return os.path.join(found[max(found)], "recorder.pkl")
-
-
-class _locked:
-    def __init__(self, paths):
-        self.lock = RunLock(paths["lock"])
-
-    def __enter__(self):
-        self.lock.acquire()
-
-    def __exit__(self, *exc):
-        self.lock.handle.close()
 
 
 class Trainer:
