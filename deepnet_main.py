@@ -53,24 +53,25 @@ FLAGS = [
     ("lr_decay", float, 0.00004, "decay: lr / (1 + lr_decay * minibatch)"),
     ("lr_lin_min", float, 0.0004, "linear: final learning rate"),
     ("lr_lin_steps", int, 60000, "linear: minibatches to reach lr_lin_min"),
-    ("lr_step_ep", int, [200, 400, 600], "step: epochs from which the rate is multiplied", "+"),
-    ("lr_step_multi", float, [0.1, 0.1, 0.1], "step: the multipliers (cumulative)", "+"),
+    ("lr_step_ep", int, [200, 250, 300], "step: epochs from which the rate is multiplied", "+"),
+    ("lr_step_multi", float, [0.1, 0.01, 0.001], "step: lr times the i-th multiplier from the i-th epoch on (absolute)", "+"),
     ("use_wd", boolean, False, "L2 weight decay on conv and dense weights"),
     ("wd_lambda", float, 0.01, "weight-decay factor (times sum of w^2 / 2)"),
     ("create_val_set", boolean, True, "hold out a validation set (else: validate on test, no early stopping)"),
     ("val_set_fraction", float, 0.05, "validation fraction (rounded to whole minibatches)"),
     ("af_set", str, "1_relu", "activation set: 1_<fn>, 5_blend5_swish or <n>_<f1>+...+<fn>"),
     ("af_weights_init", str, "default", "default (1/n each) or predefined (from -load_af_weights_from)"),
-    ("safe_af_ws_n", int, 10, "save AF weights at this many evenly spaced minibatches"),
-    ("safe_all_ws_n", int, 2, "save all weights at this many evenly spaced minibatches"),
+    ("safe_af_ws_n", int, 10, "save the trainable AF weights at round(linspace(1, N, this)) (distinct minibatches)"),
+    ("safe_all_ws_n", int, 2, "save all weights at round(linspace(1, N, this)) (distinct minibatches)"),
     ("load_af_weights_from", str, "", "spec whose newest AF-weights file (same run) initialises the blend"),
     ("norm_blendw_at_init", boolean, False, "rescale predefined blend weights to sum 1"),
     ("blend_trainable", boolean, False, "train the blend weights (one function: adaptive scaling)"),
     ("blend_mode", str, "unrestricted", f"{', '.join(BLEND_MODES)}"),
     ("swish_beta_trainable", boolean, False, "train swish's beta"),
     ("walltime", float, 0.0, "minutes this process may run (0: no limit); stops at a checkpoint in time"),
-    ("create_checkpoints", boolean, True, "checkpoint at mb 0 and every -epochs_between_checkpoints"),
-    ("epochs_between_checkpoints", int, 8, "epochs between checkpoints"),
+    ("create_checkpoints", boolean, True, "allow stopping at a checkpoint for -walltime (as the original; "
+     "checkpoints for early stopping are always written)"),
+    ("epochs_between_checkpoints", int, 3, "epochs between checkpoints"),
     ("save_af_weights_at_test_mb", boolean, True, "save AF weights of the tested model"),
     ("save_all_weights_at_test_mb", boolean, True, "save all weights of the tested model"),
     ("create_lc_on_the_fly", boolean, True, "plot learning curves at each checkpoint"),
@@ -112,9 +113,6 @@ def validate(s):
                       ("val_every", 1)):
         _require(s[flag] >= low, flag, f"must be at least {low}, got {s[flag]}")
     _require(s["n_minibatches"] <= 10 ** 8, "n_minibatches", f"{s['n_minibatches']} is beyond any sensible run")
-    for flag in ("safe_af_ws_n", "safe_all_ws_n"):
-        _require(s[flag] <= s["n_minibatches"] + 1, flag, f"at most one save per minibatch "
-                 f"({s['n_minibatches'] + 1}), got {s[flag]}")
     for flag in ("lr", "lr_decay", "lr_lin_min", "wd_lambda", "walltime"):
         _require(math.isfinite(s[flag]) and s[flag] >= 0, flag, f"must be a finite number >= 0, got {s[flag]}")
     _require(s["lr"] > 0, "lr", "must be positive")

@@ -6,9 +6,11 @@ An activation set (``-af_set``) names the base functions an activated layer blen
     <n>_<f1>+<f2>+...+<fn>      a blend of any base functions, e.g. 3_relu+tanh+jswish
     5_blend5_swish              the paper's ABU: relu, jelu, tanh, jswish, linu, in that order
 
-The leading count must equal the number of functions. Each activated layer owns ``blend_weights``
-(shape [n]) and, when a blend contains jswish, ``swish_beta``; the blend mode maps the raw weights
-to the effective weights that multiply the functions.
+The leading count must equal the number of functions. Each activated layer owns ``blend_weights_raw``
+(shape [n]) and, when a blend contains jswish, ``swish_beta`` (shape [1]); the blend mode maps the raw
+weights to the effective weights that multiply the functions. Layers and variables carry the original
+suite's names: '<network>/<layer>/<variable>:0' with layers conv1.., dense<k>.., denseout numbered
+through the net (smcn: conv1-conv4, dense5, dense6, denseout).
 """
 import fcntl
 import glob
@@ -288,19 +290,14 @@ BN_DECAY, BN_EPSILON = 0.99, 1e-3
 
 
 def layer_names(network):
-    """Names of the weighted layers in order: conv1.., dense1.., logits."""
-    counts, names = {}, []
-    for layer in ARCHITECTURES[network]:
-        if layer[0] in ("conv", "dense"):
-            counts[layer[0]] = counts.get(layer[0], 0) + 1
-            names.append(f"{layer[0]}{counts[layer[0]]}")
-        elif layer[0] == "logits":
-            names.append("logits")
-    return names
+    """Names of the weighted layers in order, as the original names them: conv1.., dense<k>.., denseout,
+    numbered through the whole net (smcn: conv1-conv4, dense5, dense6, denseout)."""
+    weighted = [layer[0] for layer in ARCHITECTURES[network] if layer[0] in ("conv", "dense", "logits")]
+    return [f"{kind}{i}" if kind != "logits" else "denseout" for i, kind in enumerate(weighted, 1)]
 
 
 def activated_layers(network):
-    return [name for name in layer_names(network) if name != "logits"]
+    return [name for name in layer_names(network) if name != "denseout"]
 
 
 def n_dropout_layers(network):
@@ -362,30 +359,76 @@ def _batch_norm(x, training, name):
         return tf.nn.batch_normalization(x, mean, var, beta, gamma, BN_EPSILON)
 
 
+# ---------------------------------------------------------------- TensorBoard summaries, as the original's
+
+SUMMARIES = "train_summaries"  # evaluated every SUMMARY_EVERY minibatches on the training minibatch
+PRE_UPDATE_READS = "pre_update_reads"  # variable values the summaries show; the update waits for them
+
+
+def variable_summaries(tensor, tag):
+    """mean, stddev, max and min scalars and a histogram of a tensor (the original's variable_summaries),
+    tagged '<tag>/mean' ... '<tag>/histogram'."""
+    mean = tf.reduce_mean(tensor)
+    for name, value in (("mean", mean), ("stddev", tf.sqrt(tf.reduce_mean(tf.square(tensor - mean)))),
+                        ("max", tf.reduce_max(tensor)), ("min", tf.reduce_min(tensor))):
+        tf.add_to_collection(SUMMARIES, tf.raw_ops.ScalarSummary(tags=f"{tag}/{name}", values=value))
+    tf.add_to_collection(SUMMARIES, tf.raw_ops.HistogramSummary(tag=f"{tag}/histogram", values=tensor))
+
+
+def _scoped(label):
+    return f"{tf.get_variable_scope().name}/{label}"
+
+
+def _summarise_variable(variable, label):
+    """Summaries of a variable's value before this step's update (train() orders the update after the read)."""
+    value = variable.read_value()
+    tf.add_to_collection(PRE_UPDATE_READS, value)
+    variable_summaries(value, _scoped(label))
+
+
+# ---------------------------------------------------------------- layers
+
 ActivationVars = namedtuple("ActivationVars", "raw effective beta")
 
 
 def _activation_layer(preact, settings, af_init, training, use_bn):
     """Create this layer's blend weights (and beta) and apply the blended activation."""
     names = parse_af_set(settings["af_set"])
-    raw = tf.get_variable("blend_weights", initializer=tf.constant(af_init["blend_weights"], tf.float32),
+    variable_summaries(preact, _scoped("preact"))
+    raw = tf.get_variable("blend_weights_raw", initializer=tf.constant(af_init["blend_weights"], tf.float32),
                           trainable=settings["blend_trainable"])
+    _summarise_variable(raw, "blend_weights")
     beta = None
     if any(BASE_FUNCTIONS[n].uses_beta for n in names):
-        beta = tf.get_variable("swish_beta", initializer=tf.constant(af_init["swish_beta"], tf.float32),
+        beta = tf.get_variable("swish_beta", initializer=tf.constant([af_init["swish_beta"]], tf.float32),
                                trainable=settings["swish_beta_trainable"])
+        _summarise_variable(beta, "swish_beta")
     transform = None
     if use_bn and len(names) > 1:
         transform = lambda c, i: _batch_norm(c, training, f"bn_component{i + 1}")  # noqa: E731
-    out = activation(preact, settings["af_set"], raw, 1.0 if beta is None else beta,
+    out = activation(preact, settings["af_set"], raw, 1.0 if beta is None else beta[0],
                      settings["blend_mode"], component_transform=transform)
-    effective = effective_weights(raw, settings["blend_mode"])
-    tf.summary.histogram("blend_weights", raw, collections=["val_summaries"])
-    for i in range(len(names)):
-        tf.summary.scalar(f"blend_weight_{i + 1}_{names[i]}", effective[i], collections=["val_summaries"])
-    if beta is not None:
-        tf.summary.scalar("swish_beta", beta, collections=["val_summaries"])
-    return out, ActivationVars(raw, effective, beta)
+    variable_summaries(out, _scoped("activation"))
+    return out, ActivationVars(raw, effective_weights(raw, settings["blend_mode"]), beta)
+
+
+def _weighted_layer(x, kind, width, name, seed, first):
+    """conv (width = (kernel, channels)) or dense (width = units) with its weights, biases and summaries."""
+    if kind == "conv":
+        k, c_in, c_out = width[0], int(x.shape[-1]), width[1]
+        w = _weight("weights", [k, k, c_in, c_out], np.sqrt(2.0 / (k * k * c_in)), seed)
+        b = tf.get_variable("biases", [c_out], initializer=tf.constant_initializer(0.0 if first else 0.1))
+        out = tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
+    else:
+        if len(x.shape) > 2:
+            x = tf.reshape(x, [-1, int(np.prod(x.shape[1:]))])
+        n_in = int(x.shape[-1])
+        w = _weight("weights", [n_in, width], np.sqrt(2.0 / (n_in * width)), seed)
+        b = tf.get_variable("biases", [width], initializer=tf.constant_initializer(0.1))
+        out = tf.matmul(x, w) + b
+    _summarise_variable(w, "weights")
+    _summarise_variable(b, "biases")
+    return out
 
 
 Endpoints = namedtuple("Endpoints", "preacts activations af_vars")
@@ -394,59 +437,46 @@ Endpoints = namedtuple("Endpoints", "preacts activations af_vars")
 def inference(inputs, settings, af_init=None):
     """Build the network of settings['network'] on inputs.images; returns (logits, endpoints).
 
-    af_init: layer name -> {'blend_weights': array, 'swish_beta': float}; default 1/n and beta 1.
+    Variables live in '<network>/<layer>/' (resource variables, so summaries can show pre-update
+    values). af_init: layer name -> {'blend_weights': array, 'swish_beta': float}; default 1/n and beta 1.
     """
     network = settings["network"]
     if network not in ARCHITECTURES:
         raise ValueError(f"unknown network '{network}' (known: {', '.join(ARCHITECTURES)})")
     af_init = af_init or default_af_init(network, settings["af_set"])
     use_bn = network in BATCH_NORM_NETWORKS
-    names = iter(layer_names(network))
-    x, first, dropout_index = inputs.images, True, 0
+    names = layer_names(network)
+    x, dropout_index, weighted = inputs.images, 0, 0
     preacts, activations, af_vars = {}, {}, {}
-    for layer in ARCHITECTURES[network]:
-        kind = layer[0]
-        if kind == "dropout":
-            x = _dropout(x, inputs.keep_probs, dropout_index, inputs.step, settings["seed"])
-            dropout_index += 1
-            continue
-        if kind in ("maxpool", "avgpool"):
-            pool = tf.nn.max_pool2d if kind == "maxpool" else tf.nn.avg_pool2d
-            x = pool(x, layer[1], layer[2], "SAME")
-            continue
-        name = next(names)
-        with tf.variable_scope(name):
-            seed = layer_names(network).index(name) + 1
-            if kind == "conv":
-                k, c_in, c_out = layer[1], int(x.shape[-1]), layer[2]
-                w = _weight("weights", [k, k, c_in, c_out], np.sqrt(2.0 / (k * k * c_in)), seed)
-                b = tf.get_variable("biases", [c_out], initializer=tf.constant_initializer(0.0 if first else 0.1))
-                x = tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
-            else:
-                if len(x.shape) > 2:
-                    x = tf.reshape(x, [-1, int(np.prod(x.shape[1:]))])
-                n_in = int(x.shape[-1])
-                n_out = settings["n_classes"] if kind == "logits" else layer[1]
-                w = _weight("weights", [n_in, n_out], np.sqrt(2.0 / (n_in * n_out)), seed)
-                b = tf.get_variable("biases", [n_out], initializer=tf.constant_initializer(0.1))
-                x = tf.matmul(x, w) + b
-            tf.summary.histogram("weights", w, collections=["val_summaries"])
-            first = False
-            if kind == "logits":
-                break
-            if use_bn:
-                x = _batch_norm(x, inputs.training, "bn")
-            preacts[name] = x
-            x, af_vars[name] = _activation_layer(x, settings, af_init[name], inputs.training, use_bn)
-            activations[name] = x
-            tf.summary.histogram("preactivations", preacts[name], collections=["val_summaries"])
-            tf.summary.histogram("activations", x, collections=["val_summaries"])
+    with tf.variable_scope(network, use_resource=True):
+        for layer in ARCHITECTURES[network]:
+            kind = layer[0]
+            if kind == "dropout":
+                x = _dropout(x, inputs.keep_probs, dropout_index, inputs.step, settings["seed"])
+                dropout_index += 1
+                continue
+            if kind in ("maxpool", "avgpool"):
+                pool = tf.nn.max_pool2d if kind == "maxpool" else tf.nn.avg_pool2d
+                x = pool(x, layer[1], layer[2], "SAME")
+                continue
+            name = names[weighted]
+            weighted += 1
+            width = settings["n_classes"] if kind == "logits" else layer[1] if kind == "dense" else layer[1:]
+            with tf.variable_scope(name):
+                x = _weighted_layer(x, "conv" if kind == "conv" else "dense", width, name, weighted, weighted == 1)
+                if kind == "logits":
+                    break
+                if use_bn:
+                    x = _batch_norm(x, inputs.training, "bn")
+                preacts[name] = x
+                x, af_vars[name] = _activation_layer(x, settings, af_init[name], inputs.training, use_bn)
+                activations[name] = x
     return x, Endpoints(preacts, activations, af_vars)
 
 
 def loss(logits, labels, wd_lambda=0.0):
     """(total, cross_entropy): mean softmax cross-entropy plus wd_lambda * sum of tf.nn.l2_loss
-    (sum w^2 / 2) over the conv and dense weights."""
+    (sum w^2 / 2) over the conv and dense weights (the original's weight decay)."""
     cross_entropy = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
     if not wd_lambda:
         return cross_entropy, cross_entropy
@@ -463,19 +493,25 @@ OPTIMIZERS = {
 
 
 def train(total_loss, optimizer, lr):
-    """One optimizer step on all trainable variables; batch-norm updates run with it."""
+    """One optimizer step on all trainable variables, with gradient summaries; it runs after the
+    batch-norm updates and after the reads the summaries show."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{optimizer}' (known: {', '.join(OPTIMIZERS)})")
-    with tf.control_dependencies(tf.get_collection(tf.GraphKeys.UPDATE_OPS)):
-        return OPTIMIZERS[optimizer](lr).minimize(total_loss)
+    opt = OPTIMIZERS[optimizer](lr)
+    grads_and_vars = opt.compute_gradients(total_loss)
+    for grad, var in grads_and_vars:
+        if grad is not None:
+            variable_summaries(grad, f"{var.op.name}/gradient")
+    with tf.control_dependencies(tf.get_collection(tf.GraphKeys.UPDATE_OPS) + tf.get_collection(PRE_UPDATE_READS)):
+        return opt.apply_gradients(grads_and_vars)
 
 
 Model = namedtuple("Model", "inputs logits loss cross_entropy top1 top5 predictions train_op "
-                            "endpoints preact_stats train_summaries val_summaries model_variables")
+                            "endpoints preact_stats summaries model_variables")
 
 
 def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
-    """The whole training graph in the default graph: placeholders, net, loss, metrics, train op."""
+    """The whole training graph in the default graph: placeholders, net, loss, metrics, train op, summaries."""
     tf.set_random_seed(settings["seed"])
     inputs = make_inputs(image_shape)
     logits, endpoints = inference(inputs, settings, af_init)
@@ -485,18 +521,19 @@ def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
     top1 = tf.reduce_mean(tf.cast(tf.nn.in_top_k(logits, inputs.labels, 1), tf.float32))
     top5 = tf.reduce_mean(tf.cast(tf.nn.in_top_k(logits, inputs.labels, min(5, settings["n_classes"])),
                                   tf.float32))
+    for name, value in (("loss", total_loss), ("top1", top1), ("top5", top5)):
+        tf.add_to_collection(SUMMARIES, tf.raw_ops.ScalarSummary(tags=f"objective/{name}", values=value))
     train_op = train(total_loss, settings["optimizer"], inputs.lr)
     preact_stats = {name: tf.nn.moments(p, list(range(len(p.shape))))
                     for name, p in endpoints.preacts.items()}
-    train_summaries = tf.summary.merge([tf.summary.scalar("train/loss", cross_entropy),
-                                        tf.summary.scalar("train/top1", top1),
-                                        tf.summary.scalar("train/top5", top5)])
-    val_summaries = tf.summary.merge_all("val_summaries")
     return Model(inputs, logits, total_loss, cross_entropy, top1, top5, tf.argmax(logits, 1), train_op,
-                 endpoints, preact_stats, train_summaries, val_summaries, model_variables)
+                 endpoints, preact_stats, tf.summary.merge_all(SUMMARIES), model_variables)
 
 
-# ---------------------------------------------------------------- AF weight initialisation and files
+# ---------------------------------------------------------------- AF weights: initialisation and files
+
+AF_VARIABLE = re.compile(r"(.+)/(blend_weights_raw|blend_weights|swish_beta):0")
+
 
 def default_af_init(network, af_set):
     n = len(parse_af_set(af_set))
@@ -519,28 +556,42 @@ def newest_af_weights_file(exp_dir, spec, run):
     return max(found)[1] if found else None
 
 
+def af_weights_file_content(sess, graph):
+    """The original's AF-weights dict: TF variable name -> list of floats, trainable AF variables only."""
+    variables = [v for v in graph.get_collection(tf.GraphKeys.TRAINABLE_VARIABLES) if AF_VARIABLE.fullmatch(v.name)]
+    return {v.name: [float(x) for x in np.ravel(value)] for v, value in zip(variables, sess.run(variables))}
+
+
 def predefined_af_init(exp_dir, spec, run, network, af_set, normalize=False):
-    """Initial AF weights from the newest AF-weights file of spec/run (UserError if absent/unfit)."""
+    """Initial AF weights from the newest AF-weights file of spec/run, written by this suite or the
+    original (both: '<network>/<layer>/blend_weights_raw:0' -> list; the original's older
+    '.../blend_weights:0' too). UserError if absent or unfit."""
     path = newest_af_weights_file(exp_dir, spec, run)
     if path is None:
         raise UserError(f"-load_af_weights_from {spec}: no AF-weights file for run {run} in "
                         f"{os.path.join(exp_dir, '0_af_weights')}")
     saved = load_pickle(path)
-    n = len(parse_af_set(af_set))
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: not an AF-weights dict")
+    n, needs_beta = len(parse_af_set(af_set)), uses_swish_beta(af_set)
     init = {}
-    for name in activated_layers(network):
-        layers = saved.get("layers") if isinstance(saved, dict) else None
-        layer = layers.get(name) if isinstance(layers, dict) else None
-        if not isinstance(layer, dict) or np.shape(layer.get("blend_weights_raw")) != (n,):
-            raise UserError(f"{path}: has no {n} blend weights for layer {name} "
-                            f"(activation set {af_set}, network {network})")
-        weights = np.asarray(layer["blend_weights_raw"], np.float32)
+    for layer in activated_layers(network):
+        scope = f"{network}/{layer}"
+        weights = saved.get(f"{scope}/blend_weights_raw:0", saved.get(f"{scope}/blend_weights:0"))
+        if weights is None or np.shape(weights) != (n,):
+            raise UserError(f"{path}: has no {n} blend weights for {scope} (activation set {af_set})")
+        weights = np.asarray(weights, np.float32)
         if normalize:
             if np.sum(weights) == 0:
-                raise UserError(f"{path}: -norm_blendw_at_init: the blend weights of {name} sum to 0")
+                raise UserError(f"{path}: -norm_blendw_at_init: the blend weights of {layer} sum to 0")
             weights = weights / np.sum(weights)
-        beta = layer.get("swish_beta")
-        init[name] = {"blend_weights": weights, "swish_beta": 1.0 if beta is None else float(beta)}
+        beta = 1.0
+        if needs_beta:
+            value = saved.get(f"{scope}/swish_beta:0")
+            if value is None or np.size(value) != 1:
+                raise UserError(f"{path}: has no swish_beta for {scope} (saved only when it was trainable)")
+            beta = float(np.ravel(value)[0])
+        init[layer] = {"blend_weights": weights, "swish_beta": beta}
     return init
 
 
@@ -553,5 +604,5 @@ def read_af_weights(sess, endpoints):
             fetch[name]["swish_beta"] = v.beta
     values = sess.run(fetch)
     for layer in values.values():
-        layer["swish_beta"] = float(layer["swish_beta"]) if "swish_beta" in layer else None
+        layer["swish_beta"] = float(layer["swish_beta"][0]) if "swish_beta" in layer else None
     return values

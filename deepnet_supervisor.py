@@ -59,14 +59,14 @@ SCHEDULE = {
     "lr_decay": 0.00004,
     "lr_lin_min": 0.0004,
     "lr_lin_steps": 60000,
-    "lr_step_ep": [200, 400, 600],
-    "lr_step_multi": [0.1, 0.1, 0.1],
+    "lr_step_ep": [200, 250, 300],
+    "lr_step_multi": [0.1, 0.01, 0.001],
     "walltime": 0,                  # minutes per process, 0 = none (cluster backends set it from the job time)
 }
 VALIDATION_AND_CHECKPOINTS = {
     "val_every": 20,
     "create_checkpoints": True,
-    "epochs_between_checkpoints": 8,
+    "epochs_between_checkpoints": 3,
 }
 SAVING = {
     "safe_af_ws_n": 10,

@@ -9,7 +9,9 @@ Everything random is a pure function of (seed, epoch / step, layer): the data sp
 and the dropout masks. So a run resumed from any checkpoint continues exactly as it would have.
 """
 import fcntl
+import functools
 import glob
+import json
 import os
 import re
 import shutil
@@ -27,7 +29,7 @@ tf = net.tf
 N_CLASSES = {"cifar10": 10, "cifar100": 100}
 PREPROCESSING_SUFFIX = {"none": "", "ztrans": "_ztrans", "gcn_zca": "_gcn_zca"}
 EVAL_BATCH = 500
-SUMMARY_IMAGES = 64  # images behind the TensorBoard histograms at each validation
+SUMMARY_EVERY = 20  # TensorBoard summaries of the training minibatch, as the original's
 SMOOTHING_PASSES = 3
 
 
@@ -51,6 +53,7 @@ def run_paths(s):
         split=os.path.join(run_dir, "datasets", "split.pkl"),
         models=os.path.join(run_dir, "models"),
         lock=os.path.join(run_dir, ".lock"),
+        status=os.path.join(run_dir, "status.json"),
         summaries=os.path.join(exp, "0_summaries", f"{spec}_{run}"),
         all_weights=os.path.join(exp, "0_all_weights"),
     )
@@ -67,18 +70,18 @@ def data_files(s):
 # ---------------------------------------------------------------- data
 
 def load_dataset(path, n_classes):
-    """Images (n,32,32,3) float32 and labels (n,) int64 from a preprocessed pickle, validated."""
+    """Images (n,32,32,3) float32 and labels (n,) int64 from a preprocessed pickle, validated.
+
+    Reads this suite's pickles (arrays) and the original preprocessing script's ({'images': list of
+    (32, 32, 3) arrays, uint8 / float32 / float64, 'labels': list of int}); images become float32,
+    as the original's float32 input placeholder made them.
+    """
     if not os.path.isfile(path):
         raise UserError(f"{path}: preprocessed data not found (run deepnet_task_cifar_preprocessing.py)")
     data = load_pickle(path)
     if not isinstance(data, dict) or "images" not in data or "labels" not in data:
         raise UserError(f"{path}: expected a dict with 'images' and 'labels'")
-    images, labels = data["images"], data["labels"]
-    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise UserError(f"{path}: images must be an array of shape (n, 32, 32, 3), got "
-                        f"{getattr(images, 'shape', type(images).__name__)}")
-    if images.dtype != np.float32:
-        raise UserError(f"{path}: images must be float32, got {images.dtype}")
+    images, labels = _image_array(data["images"], path), data["labels"]
     if len(images) == 0:
         raise UserError(f"{path}: holds no images")
     try:
@@ -93,6 +96,31 @@ def load_dataset(path, n_classes):
     if not np.isfinite(images).all():
         raise UserError(f"{path}: images contain NaN or Inf")
     return images, labels.astype(np.int64)
+
+
+IMAGE_DTYPES = (np.uint8, np.float32, np.float64)
+
+
+def _image_array(images, path):
+    """An (n, 32, 32, 3) float32 array from an array or a list of (32, 32, 3) arrays (UserError if neither)."""
+    if isinstance(images, list) and all(isinstance(image, np.ndarray) for image in images):
+        shapes = {image.shape for image in images}
+        if shapes - {(32, 32, 3)}:
+            raise UserError(f"{path}: images must be (32, 32, 3) arrays, found shape(s) "
+                            f"{sorted(shapes - {(32, 32, 3)})}")
+        dtypes = {image.dtype for image in images}
+        if dtypes - set(map(np.dtype, IMAGE_DTYPES)):
+            raise UserError(f"{path}: images must be uint8, float32 or float64, got {sorted(map(str, dtypes))}")
+        stacked = np.empty((len(images), 32, 32, 3), np.float32)
+        for i, image in enumerate(images):
+            stacked[i] = image
+        return stacked
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise UserError(f"{path}: images must be an array of shape (n, 32, 32, 3) or a list of (32, 32, 3) "
+                        f"arrays, got {getattr(images, 'shape', type(images).__name__)}")
+    if images.dtype not in map(np.dtype, IMAGE_DTYPES):
+        raise UserError(f"{path}: images must be uint8, float32 or float64, got {images.dtype}")
+    return images if images.dtype == np.float32 else images.astype(np.float32)
 
 
 def validation_size(n_images, fraction, minibatch_size):
@@ -143,61 +171,77 @@ def check_data_fits(s, n_train_images):
     """UserError when the split leaves no full training minibatch."""
     n_val = validation_size(n_train_images, s["val_set_fraction"], s["minibatch_size"]) \
         if s["create_val_set"] else 0
-    if n_train_images - n_val < s["minibatch_size"]:
+    if n_train_images - n_val < s["minibatch_size"] or nominal_mbs_per_epoch(s, n_train_images) < 1:
         raise UserError(f"-minibatch_size {s['minibatch_size']}: larger than the {n_train_images - n_val} "
                         f"training images left after a validation split of {n_val}")
 
 
 # ---------------------------------------------------------------- schedules
 
-def learning_rate(s, step, mbs_per_epoch):
-    """Learning rate of training step `step` (1-based)."""
-    done = step - 1
-    kind = s["lr_schedule_type"]
+def nominal_mbs_per_epoch(s, n_images):
+    """The original's epoch length for schedules: floor(n_images * (1 - val_set_fraction)) // minibatch_size
+    (it wrote 50000, CIFAR's training-set size, for n_images)."""
+    return int(np.floor(n_images * (1 - s["val_set_fraction"]))) // s["minibatch_size"]
+
+
+@functools.lru_cache(maxsize=4)
+def _linear_rates(lr, lr_min, steps):
+    return np.linspace(lr, lr_min, num=steps)
+
+
+def learning_rate(s, mb, n_images):
+    """The original's __lr_scheduler at minibatch mb (1-based, as it counts)."""
+    kind, lr = s["lr_schedule_type"], s["lr"]
     if kind == "constant":
-        return s["lr"]
+        return lr
     if kind == "decay":
-        return s["lr"] / (1.0 + s["lr_decay"] * done)
+        return lr * (1. / (1. + s["lr_decay"] * mb))
     if kind == "linear":
-        return s["lr"] + (s["lr_lin_min"] - s["lr"]) * min(done / s["lr_lin_steps"], 1.0)
-    if kind == "step":
-        epoch = done // mbs_per_epoch
-        return s["lr"] * float(np.prod([m for e, m in zip(s["lr_step_ep"], s["lr_step_multi"]) if epoch >= e]))
+        return float(_linear_rates(lr, s["lr_lin_min"], s["lr_lin_steps"])[mb]) if mb < s["lr_lin_steps"] \
+            else s["lr_lin_min"]
+    if kind == "step":  # absolute multipliers: lr * lr_step_multi[i-1] from the i-th boundary on
+        mbs_per_epoch = n_images * (1 - s["val_set_fraction"]) // s["minibatch_size"]
+        for i, epoch in enumerate(s["lr_step_ep"]):
+            if epoch * mbs_per_epoch - mb > 0:
+                return lr if i == 0 else lr * s["lr_step_multi"][i - 1]
+        return lr * s["lr_step_multi"][-1]
     raise ValueError(f"unknown learning-rate schedule '{kind}'")
 
 
-def checkpoint_mbs(s, mbs_per_epoch):
-    """Minibatches with a checkpoint: 0, every k epochs, and the last (only the last without -create_checkpoints)."""
+def checkpoint_mbs(s, n_images):
+    """The original's __get_checkpoints: 0, every -epochs_between_checkpoints epochs, and the last minibatch."""
+    every = nominal_mbs_per_epoch(s, n_images) * s["epochs_between_checkpoints"]
+    checkpoints = [0]
+    while checkpoints[-1] < s["n_minibatches"]:
+        checkpoints.append(checkpoints[-1] + every)
+    checkpoints[-1] = s["n_minibatches"]
+    return checkpoints
+
+
+def weight_save_mbs(n_saves, n_minibatches):
+    """The original's save points for AF / all weights: the distinct values of round(linspace(1, N, n_saves))."""
+    return set(np.around(np.linspace(1, n_minibatches, num=n_saves)).astype(int).tolist())
+
+
+def validation_mbs(s):
+    """Minibatches with a validation, as the original's: 0, every -val_every, and the last."""
     n = s["n_minibatches"]
-    if not s["create_checkpoints"]:
-        return {n}
-    every = s["epochs_between_checkpoints"] * mbs_per_epoch
-    return set(range(0, n, every)) | {n}
-
-
-def evenly_spaced(n_points, n_minibatches):
-    return set(np.unique(np.round(np.linspace(0, n_minibatches, n_points))).astype(int).tolist()) \
-        if n_points > 0 else set()
-
-
-def validation_mbs(s, mbs_per_epoch):
-    n = s["n_minibatches"]
-    return set(range(0, n, s["val_every"])) | {n} | checkpoint_mbs(s, mbs_per_epoch)
+    return sorted({0, n} | set(range(s["val_every"], n, s["val_every"])))
 
 
 # ---------------------------------------------------------------- recorder
 
-RECORD_LISTS = ("train_loss_hist train_top1_hist train_mb_n_hist val_loss_hist val_top1_hist val_top5_hist "
-                "val_apc_hist val_af_weights_hist val_preact_stats_hist val_mb_n_hist checkpoints "
-                "val_top1_smoothed test_mb_n_hist").split()
+RECORD_LISTS = ("train_loss_hist train_xentropy_hist train_top1_hist train_mb_n_hist val_loss_hist "
+                "val_xentropy_hist val_top1_hist val_top5_hist val_apc_hist val_af_weights_hist "
+                "val_preact_stats_hist val_mb_n_hist checkpoints val_top1_smoothed test_mb_n_hist").split()
 
 
 def new_recorder(s, mbs_per_epoch):
     record = {key: [] for key in RECORD_LISTS}
     record.update(experiment_name=s["experiment_name"], spec_name=s["spec_name"], run=s["run"],
                   settings=dict(s), mbs_per_epoch=mbs_per_epoch, mb_count_total=0, ep_count_total=0,
-                  early_stopping_mb=None, test_loss=None, test_top1=None, test_top5=None, test_apc=None,
-                  training_completed=False, test_completed=False, diverged=False, diverged_at_mb=None)
+                  early_stopping_mb=None, test_loss=None, test_xentropy=None, test_top1=None, test_top5=None,
+                  test_apc=None, test_af_weights=None, training_completed=False, test_completed=False, diverged=False, diverged_at_mb=None)
     return record
 
 
@@ -210,78 +254,88 @@ def per_class_accuracy(predictions, labels, n_classes):
 
 
 def evaluate(sess, model, images, labels, s):
-    """Loss, top-1, top-5, per-class accuracy and pre-activation statistics over a whole set."""
-    n, totals = len(images), np.zeros(3)
+    """Loss (with weight decay when on, as the original's), cross-entropy, top-1, top-5, per-class accuracy
+    and pre-activation statistics over a whole set."""
+    n, totals = len(images), np.zeros(4)
     predictions = np.empty(n, np.int64)
     moments = {name: np.zeros(2) for name in model.preact_stats}
     feed_base = {model.inputs.keep_probs: s["dropout_keep_probs_inference"]}
     for start in range(0, n, EVAL_BATCH):
         batch = slice(start, min(start + EVAL_BATCH, n))
         feed = {model.inputs.images: images[batch], model.inputs.labels: labels[batch], **feed_base}
-        loss, top1, top5, pred, stats = sess.run(
-            [model.cross_entropy, model.top1, model.top5, model.predictions, model.preact_stats], feed)
+        loss, xentropy, top1, top5, pred, stats = sess.run(
+            [model.loss, model.cross_entropy, model.top1, model.top5, model.predictions, model.preact_stats], feed)
         size = batch.stop - batch.start
-        totals += size * np.array([loss, top1, top5])
+        totals += size * np.array([loss, xentropy, top1, top5])
         predictions[batch] = pred
         for name, (mean, var) in stats.items():
             moments[name] += size * np.array([mean, var + mean ** 2])
-    loss, top1, top5 = totals / n
+    loss, xentropy, top1, top5 = totals / n
     preact = {name: {"mean": float(m / n), "std": float(np.sqrt(max(sq / n - (m / n) ** 2, 0.0)))}
               for name, (m, sq) in moments.items()}
-    return dict(loss=float(loss), top1=float(top1), top5=float(top5),
+    return dict(n=n, loss=float(loss), xentropy=float(xentropy), top1=float(top1), top5=float(top5),
                 apc=per_class_accuracy(predictions, labels, N_CLASSES[s["task"]]), preact=preact)
 
 
-# ---------------------------------------------------------------- post-hoc early stopping
+# ---------------------------------------------------------------- post-hoc early stopping (the original's rule)
 
-def smoothing_window(n_minibatches):
-    return min(2000, max(n_minibatches / 10, 500))
+def smoothing_window(val_mbs):
+    """The original's window in validation points: min(2000, max(N // 10, 500)) minibatches over
+    N // (number of validations) minibatches per validation (its integer arithmetic; N the last one)."""
+    mbs_per_val = val_mbs[-1] // len(val_mbs)
+    return min(2000, max(val_mbs[-1] // 10, 500)) // max(mbs_per_val, 1)
 
 
-def smooth(mbs, values, window, passes=SMOOTHING_PASSES):
-    """Moving average over all points within window/2 minibatches (fewer at the ends), `passes` times."""
-    mbs, values = np.asarray(mbs, float), np.asarray(values, float)
-    lo = np.searchsorted(mbs, mbs - window / 2, side="left")
-    hi = np.searchsorted(mbs, mbs + window / 2, side="right")
+def smooth(values, window, passes=SMOOTHING_PASSES):
+    """The original's __smooth: the mean over [i - window//2, i + window//2) clipped at the ends,
+    `passes` times (a window under 2 points counts as 2: the original's would be empty)."""
+    half = max(window // 2, 1)
+    y = np.asarray(values, np.float64)
     for _ in range(passes):
-        sums = np.concatenate([[0.0], np.cumsum(values)])
-        values = (sums[hi] - sums[lo]) / (hi - lo)
-    return values
+        y = np.array([np.mean(y[max(i - half, 0):i + half]) for i in range(len(y))])
+    return y
 
 
-def checkpoint_scores(record, window):
-    """(smoothed validation accuracy at each checkpoint, the whole smoothed curve)."""
-    smoothed = smooth(record["val_mb_n_hist"], record["val_top1_hist"], window)
-    index = {mb: i for i, mb in enumerate(record["val_mb_n_hist"])}
-    return {c: smoothed[index[c]] for c in record["checkpoints"]}, smoothed
+def checkpoint_scores(record, val_mbs):
+    """(smoothed validation accuracy at each checkpoint whose score is final, smoothed curve so far).
 
-
-def _best(scores, candidates):
-    """Highest score; ties go to the later checkpoint (the longer-trained model)."""
-    return max(candidates, key=lambda c: (scores[c], c))
-
-
-def checkpoints_to_keep(record, window):
-    """Checkpoints that can still win post-hoc early stopping.
-
-    A checkpoint's smoothed score is final once the validation curve extends passes*window/2
-    beyond it; among the final ones only the best can still win.
+    A checkpoint is scored at the validation nearest to it (the earlier of two equally near). With
+    K of the len(val_mbs) validations done, the smoothed value at index j no longer changes once
+    j + 3 * (window // 2) - 2 <= K: every window it depends on then lies inside the K values.
     """
-    scores, _ = checkpoint_scores(record, window)
-    horizon = SMOOTHING_PASSES * window / 2
-    last = record["val_mb_n_hist"][-1]
-    final = [c for c in record["checkpoints"] if c + horizon <= last]
-    keep = {c for c in record["checkpoints"] if c + horizon > last}
-    return keep | ({_best(scores, final)} if final else set())
+    window = smoothing_window(val_mbs)
+    done = len(record["val_top1_hist"])
+    smoothed = smooth(record["val_top1_hist"], window)
+    reach = SMOOTHING_PASSES * max(window // 2, 1) - 2
+    scores = {}
+    for c in record["checkpoints"]:
+        j = int(np.argmin(np.abs(np.asarray(val_mbs) - c)))
+        if done == len(val_mbs) or j + reach <= done:
+            scores[c] = float(smoothed[j])
+    return scores, smoothed
 
 
-def early_stopping_mb(record, window):
+def _best(scores):
+    """Highest score; on an exact tie the later checkpoint (the original's argmax took the first)."""
+    return max(scores, key=lambda c: (scores[c], c))
+
+
+def checkpoints_to_keep(record, val_mbs):
+    """Checkpoints that can still win post-hoc early stopping: those not yet scored for good, and the
+    best of the scored ones."""
+    scores, _ = checkpoint_scores(record, val_mbs)
+    pending = {c for c in record["checkpoints"] if c not in scores}
+    return pending | ({_best(scores)} if scores else set())
+
+
+def early_stopping_mb(record, val_mbs):
     """(tested checkpoint, smoothed curve): the best smoothed validation accuracy; the last
     checkpoint when there is no validation split."""
     if not record["settings"]["create_val_set"]:
         return record["checkpoints"][-1], []
-    scores, smoothed = checkpoint_scores(record, window)
-    return _best(scores, record["checkpoints"]), smoothed.tolist()
+    assert len(record["val_top1_hist"]) == len(val_mbs), "early stopping needs every validation"
+    scores, smoothed = checkpoint_scores(record, val_mbs)
+    return _best(scores), smoothed.tolist()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -365,17 +419,19 @@ def _fsync_dir(path):
 
 # ---------------------------------------------------------------- saving weights
 
-def save_af_weights(sess, model, s, mb):
-    content = {"af_set": s["af_set"], "blend_mode": s["blend_mode"], "mb": mb, "spec_name": s["spec_name"],
-               "run": s["run"], "layers": net.read_af_weights(sess, model.endpoints)}
-    save_pickle(net.af_weights_path(experiment_dir(s), s["spec_name"], s["run"], mb), content)
-    save_json(net.af_weights_path(experiment_dir(s), s["spec_name"], s["run"], mb, "json"), content)
+def save_af_weights(sess, s, mb):
+    """The trainable AF variables in the original's format (no file when none is trainable)."""
+    content = net.af_weights_file_content(sess, sess.graph)
+    if content:
+        save_pickle(net.af_weights_path(experiment_dir(s), s["spec_name"], s["run"], mb), content)
+        save_json(net.af_weights_path(experiment_dir(s), s["spec_name"], s["run"], mb, "json"), content)
 
 
 def save_all_weights(sess, s, mb):
-    values = sess.run({v.op.name: v for v in tf.trainable_variables()})
+    """Every trainable variable of the run's graph, keyed by its TF name (as the original)."""
+    variables = sess.graph.get_collection(tf.GraphKeys.TRAINABLE_VARIABLES)
     path = os.path.join(run_paths(s)["all_weights"], f"all_weights_{s['spec_name']}_run_{s['run']}_mb_{mb}.pkl")
-    save_pickle(path, values)
+    save_pickle(path, dict(zip((v.name for v in variables), sess.run(variables))))
 
 
 # ---------------------------------------------------------------- reports
@@ -620,12 +676,12 @@ class Trainer:
 
     def __init__(self, s, paths, data, af_init, out, stop):
         self.s, self.paths, self.data, self.out, self.stop = s, paths, data, out, stop
-        self.window = smoothing_window(s["n_minibatches"])
-        mbs_per_epoch = data.mbs_per_epoch
-        self.ckpt_mbs = checkpoint_mbs(s, mbs_per_epoch)
-        self.val_mbs = validation_mbs(s, mbs_per_epoch)
-        self.af_mbs = evenly_spaced(s["safe_af_ws_n"], s["n_minibatches"])
-        self.all_mbs = evenly_spaced(s["safe_all_ws_n"], s["n_minibatches"])
+        self.n_images = len(data.labels)
+        self.val_schedule = validation_mbs(s)
+        self.val_mbs = set(self.val_schedule)
+        self.ckpt_mbs = set(checkpoint_mbs(s, self.n_images))
+        self.af_mbs = weight_save_mbs(s["safe_af_ws_n"], s["n_minibatches"])
+        self.all_mbs = weight_save_mbs(s["safe_all_ws_n"], s["n_minibatches"])
         self.graph = tf.Graph()
         with self.graph.as_default():
             settings = dict(s, n_classes=N_CLASSES[s["task"]])
@@ -637,10 +693,14 @@ class Trainer:
         self.writer = tf.summary.FileWriter(paths["summaries"])
         self.started = time.time()
         self.timing = {"mb": [], "val": []}
+        self.status = RunStatus(paths["status"], s)
 
     def run(self):
         try:
             return self._run()
+        except BaseException as err:
+            self.status.write(self.record, "failed", f"{type(err).__name__}: {err}")
+            raise
         finally:
             self.writer.close()
             self.sess.close()
@@ -648,16 +708,20 @@ class Trainer:
     def _run(self):
         s, paths = self.s, self.paths
         found = checkpoint_dirs(paths["models"])
+        self.record = None
         if found:
             latest = max(found)
             self.record = load_pickle(os.path.join(found[latest], "recorder.pkl"))
             self.checkpointer.restore_state(self.sess, found[latest])
+            self.writer.add_session_log(tf.SessionLog(status=tf.SessionLog.START), global_step=latest)
+            self.status.last_checkpoint_mb = latest
+            self.status.write(self.record, "running", f"resumed from minibatch {latest}")
             self.out(f"{s['spec_name']}/run {s['run']}: resuming from minibatch {latest}")
         else:
             self.record = new_recorder(s, self.data.mbs_per_epoch)
+            self.status.write(self.record, "running", "started")
             self.sess.run(self.init_op)
             self._validate(0)
-            self._save_weights(0)
             self._checkpoint(0)
         for path in glob.glob(os.path.join(glob.escape(paths["run_dir"]), "run_incomplete_mb_*.txt")):
             os.remove(path)
@@ -672,8 +736,7 @@ class Trainer:
         stop = self.stop
         inputs = model.inputs
         keep_probs = s["dropout_keep_probs"]
-        fetch = [model.train_op, model.cross_entropy, model.top1]
-        fetch_with_summary = fetch + [model.train_summaries]
+        fetch = [model.train_op, model.loss, model.cross_entropy, model.top1]
         session_start_mb = record["mb_count_total"]
         if stop.signal is not None:  # arrived while starting up: the latest checkpoint is current
             return self._interrupted(session_start_mb, stop.signal)
@@ -681,20 +744,20 @@ class Trainer:
         for step in range(record["mb_count_total"] + 1, s["n_minibatches"] + 1):
             images, labels = self.data.minibatch(step, s["minibatch_size"], s)
             feed = {inputs.images: images, inputs.labels: labels, inputs.keep_probs: keep_probs,
-                    inputs.training: True, inputs.step: step,
-                    inputs.lr: learning_rate(s, step, self.data.mbs_per_epoch)}
-            summarise = step % s["val_every"] == 0
-            results = self.sess.run(fetch_with_summary if summarise else fetch, feed)
-            loss, top1 = float(results[1]), float(results[2])
+                    inputs.training: True, inputs.step: step, inputs.lr: learning_rate(s, step, self.n_images)}
+            summarise = step % SUMMARY_EVERY == 0
+            results = self.sess.run(fetch + [model.summaries] if summarise else fetch, feed)
+            loss, xentropy, top1 = (float(value) for value in results[1:4])
             if summarise:
-                self.writer.add_summary(results[3], step)
+                self.writer.add_summary(results[4], step)
             if not np.isfinite(loss):
                 return self._diverged(step, loss)
             record["train_mb_n_hist"].append(step)
             record["train_loss_hist"].append(loss)
+            record["train_xentropy_hist"].append(xentropy)
             record["train_top1_hist"].append(top1)
             record["mb_count_total"] = step
-            record["ep_count_total"] = step // self.data.mbs_per_epoch
+            record["ep_count_total"] = 1 + (step - 1) // self.data.mbs_per_epoch
             if step in self.val_mbs:
                 self.timing["mb"].append((time.time() - interval_start) / max(step - session_start_mb, 1))
                 self._validate(step)
@@ -714,20 +777,15 @@ class Trainer:
         began = time.time()
         result = evaluate(self.sess, self.model, self.data.val_images, self.data.val_labels, s)
         record["val_mb_n_hist"].append(mb)
-        record["val_loss_hist"].append(result["loss"])
-        record["val_top1_hist"].append(result["top1"])
-        record["val_top5_hist"].append(result["top5"])
-        record["val_apc_hist"].append(result["apc"])
+        for key in ("loss", "xentropy", "top1", "top5", "apc"):
+            record[f"val_{key}_hist"].append(result[key])
         record["val_preact_stats_hist"].append(result["preact"])
         record["val_af_weights_hist"].append(net.read_af_weights(self.sess, self.model.endpoints))
-        if self.model.val_summaries is not None:
-            feed = {self.model.inputs.images: self.data.val_images[:SUMMARY_IMAGES],
-                    self.model.inputs.keep_probs: s["dropout_keep_probs_inference"]}
-            self.writer.add_summary(self.sess.run(self.model.val_summaries, feed), mb)
         self.writer.add_summary(tf.Summary(value=[
             tf.Summary.Value(tag=f"validation/{key}", simple_value=result[key]) for key in ("loss", "top1", "top5")
         ]), mb)
         self.timing["val"].append(time.time() - began)
+        self.status.write(record, "running", "training")
         self.out(self._status_line(mb))
 
     def _status_line(self, mb):
@@ -743,14 +801,14 @@ class Trainer:
         walltime = _clock(s["walltime"] * 60 - elapsed) if s["walltime"] else "-"
         rss = psutil.Process().memory_info().rss / 2 ** 30
         train_text = f"{train[-1]:.3f} (mean {np.mean(train):.3f})" if train else "-"
-        return (f"{s['spec_name']}/run {s['run']} | mb {mb}/{n} | lr {learning_rate(s, max(mb, 1), self.data.mbs_per_epoch):.2e}"
+        return (f"{s['spec_name']}/run {s['run']} | mb {mb}/{n} | lr {learning_rate(s, max(mb, 1), self.n_images):.2e}"
                 f" | train {train_text} | val {val[-1]:.3f} (mean {np.mean(val[-5:]):.3f})"
                 f" | {per_mb * 1000:.0f} ms/mb, val {per_val:.1f} s | total {_clock(elapsed)}, left {_clock(left)}"
                 f" | walltime left {walltime} | mem {rss:.2f} GB")
 
     def _save_weights(self, mb):
         if mb in self.af_mbs:
-            save_af_weights(self.sess, self.model, self.s, mb)
+            save_af_weights(self.sess, self.s, mb)
         if mb in self.all_mbs:
             save_all_weights(self.sess, self.s, mb)
 
@@ -759,27 +817,33 @@ class Trainer:
         if scheduled:
             record["checkpoints"].append(mb)
         self.checkpointer.save(self.sess, record, mb, with_model=scheduled)
-        keep = checkpoints_to_keep(record, self.window) if record["settings"]["create_val_set"] \
+        keep = checkpoints_to_keep(record, self.val_schedule) if record["settings"]["create_val_set"] \
             else set(record["checkpoints"][-1:])
         self.checkpointer.prune(keep, keep_state_mb=mb)
         save_pickle(self.paths["record"], record)
         write_run_info(self.s, record, "training" if not record["training_completed"] else "testing")
+        self.status.last_checkpoint_mb = mb
+        self.status.write(record, "running", "training" if not record["training_completed"] else "testing")
         if self.s["create_lc_on_the_fly"]:
             plot_learning_curves(record, self.paths["learning_curves"])
 
     def _walltime_exceeded(self, mb):
-        if not self.s["walltime"]:
+        """Whether the next checkpoint would not fit in -walltime (never with -create_checkpoints False,
+        as in the original)."""
+        if not self.s["walltime"] or not self.s["create_checkpoints"]:
             return False
         upcoming = [m for m in self.ckpt_mbs if m > mb]
         per_mb = np.mean(self.timing["mb"]) if self.timing["mb"] else 0.0
         n_val = len([m for m in self.val_mbs if mb < m <= min(upcoming)])
-        needed = (min(upcoming) - mb) * per_mb + n_val * np.mean(self.timing["val"]) + 60
+        per_val = np.mean(self.timing["val"]) if self.timing["val"] else 0.0
+        needed = (min(upcoming) - mb) * per_mb + n_val * per_val + 60
         return time.time() - self.started + needed > self.s["walltime"] * 60
 
     def _leave_incomplete(self, mb):
         path = os.path.join(self.paths["run_dir"], f"run_incomplete_mb_{mb}.txt")
         save_text(path, f"walltime of {self.s['walltime']} min reached at minibatch {mb}; run the same "
                         "command again to resume from the latest checkpoint\n")
+        self.status.write(self.record, "incomplete", "walltime reached")
         self.out(f"{self.s['spec_name']}/run {self.s['run']}: stopping at minibatch {mb} before the walltime "
                  "runs out; run the same command again to resume")
         return 0
@@ -788,6 +852,7 @@ class Trainer:
         if mb not in self.ckpt_mbs:
             self._checkpoint(mb, scheduled=False)
         name = signal.Signals(signum).name
+        self.status.write(self.record, "incomplete", name)
         self.out(f"{self.s['spec_name']}/run {self.s['run']}: {name} received; checkpoint written at minibatch "
                  f"{mb}; run the same command again to resume")
         return 128 + signum
@@ -797,21 +862,23 @@ class Trainer:
         record.update(diverged=True, diverged_at_mb=mb)
         save_pickle(self.paths["record"], record)
         write_run_info(self.s, record, f"diverged at minibatch {mb} (loss {loss})")
+        self.status.write(record, "diverged", f"diverged at minibatch {mb} (loss {loss})")
         self.out(f"{self.s['spec_name']}/run {self.s['run']}: training diverged at minibatch {mb} "
                  f"(loss {loss}); stopped")
         return 1
 
     def _test(self):
         s, record, paths = self.s, self.record, self.paths
-        best, smoothed = early_stopping_mb(record, self.window)
+        best, smoothed = early_stopping_mb(record, self.val_schedule)
         folder = checkpoint_dirs(paths["models"])[best]
         self.checkpointer.restore_model(self.sess, folder)
         result = evaluate(self.sess, self.model, self.data.test_images, self.data.test_labels, s)
         record.update(early_stopping_mb=best, val_top1_smoothed=smoothed, test_mb_n_hist=[best],
-                      test_loss=result["loss"], test_top1=result["top1"], test_top5=result["top5"],
-                      test_apc=result["apc"], test_completed=True)
+                      test_loss=result["loss"], test_xentropy=result["xentropy"], test_top1=result["top1"],
+                      test_top5=result["top5"], test_apc=result["apc"],
+                      test_af_weights=net.read_af_weights(self.sess, self.model.endpoints), test_completed=True)
         if s["save_af_weights_at_test_mb"]:
-            save_af_weights(self.sess, self.model, s, best)
+            save_af_weights(self.sess, s, best)
         if s["save_all_weights_at_test_mb"]:
             save_all_weights(self.sess, s, best)
         plot_early_stopping(record, smoothed, paths["early_stopping"])
@@ -820,9 +887,41 @@ class Trainer:
         save_pickle(paths["record"], record)
         write_run_info(s, record, "complete")
         finish_cleanup(paths, record)
-        self.out(f"{s['spec_name']}/run {s['run']}: test at mb {best}: loss {result['loss']:.4f}, "
-                 f"top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+        self.status.write(record, "complete", "complete")
+        self.out(test_report(s, best, result))
         return 0
+
+
+def test_report(s, mb, result):
+    """The test's result line; for cifar10 also the accuracy per class, as the original printed it."""
+    line = (f"{s['spec_name']}/run {s['run']}: test of the model of minibatch {mb} on {result['n']} test images: "
+            f"loss {result['loss']:.4f}, top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    if s["task"] == "cifar10":
+        line += "\n  accuracy per class: " + " | ".join(f"{i}: {acc:.3f}" for i, acc in enumerate(result["apc"], 1))
+    return line
+
+
+class RunStatus:
+    """The run's small status.json, beside the recorder, for `deepnet_supervisor.py --status`."""
+
+    def __init__(self, path, s):
+        self.path, self.s, self.started = path, s, time.time()
+        self.last_checkpoint_mb = None
+        try:
+            with open(path) as handle:
+                self.seconds_before = float(json.load(handle).get("train_seconds", 0.0))
+        except (OSError, ValueError, AttributeError, TypeError):
+            self.seconds_before = 0.0
+
+    def write(self, record, state, message=""):
+        record = record or {}
+        save_json(self.path, {
+            "state": state, "pid": os.getpid(), "host": os.uname().nodename,
+            "mb": record.get("mb_count_total", 0), "n_minibatches": self.s["n_minibatches"],
+            "val_top1": (record.get("val_top1_hist") or [None])[-1], "test_top1": record.get("test_top1"),
+            "last_checkpoint_mb": self.last_checkpoint_mb,
+            "train_seconds": self.seconds_before + time.time() - self.started,
+            "updated": time.time(), "message": message})
 
 
 def run_test(s, out=print):
@@ -842,6 +941,5 @@ def run_test(s, out=print):
     with tf.Session(graph=graph) as sess:
         saver.restore(sess, os.path.join(with_model[mb], "model"))
         result = evaluate(sess, model, test_images, test_labels, s)
-    out(f"{s['spec_name']}/run {s['run']}: model of minibatch {mb} on {len(test_labels)} test images: "
-        f"loss {result['loss']:.4f}, top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    out(test_report(s, mb, result))
     return 0
