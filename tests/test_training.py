@@ -52,35 +52,144 @@ def test_epoch_order_reshuffles_every_epoch(tiny_root):
     assert np.array_equal(first, task.epoch_order(s, 0, 100))
 
 
-@pytest.mark.parametrize("kind, overrides, expected", [
-    ("constant", {}, lambda step: 0.01),
-    ("decay", {"lr_decay": 0.5}, lambda step: 0.01 / (1 + 0.5 * (step - 1))),
-    ("linear", {"lr_lin_min": 0.001, "lr_lin_steps": 10},
-     lambda step: 0.01 + (0.001 - 0.01) * min((step - 1) / 10, 1)),
-    ("step", {"lr_step_ep": [1, 3], "lr_step_multi": [0.5, 0.1]},
-     lambda step: 0.01 * (0.5 if (step - 1) // 5 >= 1 else 1) * (0.1 if (step - 1) // 5 >= 3 else 1)),
-])
-def test_learning_rate_schedules(tiny_root, kind, overrides, expected):
-    s = run_settings(tiny_root, lr=0.01, lr_schedule_type=kind, **overrides)
-    for step in (1, 2, 5, 6, 11, 15, 16, 30, 100):
-        assert task.learning_rate(s, step, mbs_per_epoch=5) == pytest.approx(expected(step), rel=1e-12)
+# ---------------------------------------------------------------- transcriptions of the original's functions
+# (leonsuetfeld/activations, deepnet_task_cifar.py), kept as close to its text as a test allows.
+
+class OriginalSettings:
+    def __init__(self, s):
+        self.lr, self.lr_schedule_type, self.lr_decay = s["lr"], s["lr_schedule_type"], s["lr_decay"]
+        self.lr_lin_min, self.lr_lin_steps = s["lr_lin_min"], s["lr_lin_steps"]
+        self.lr_step_ep, self.lr_step_multi = s["lr_step_ep"], s["lr_step_multi"]
+        self.val_set_fraction, self.minibatch_size = s["val_set_fraction"], s["minibatch_size"]
 
 
-def test_smoothing_matches_a_naive_moving_average():
+def original_lr_scheduler(TaskSettings, current_mb):
+    if TaskSettings.lr_schedule_type == 'constant':
+        return TaskSettings.lr
+    if TaskSettings.lr_schedule_type == 'decay':
+        lr = TaskSettings.lr * (1. / (1. + TaskSettings.lr_decay * current_mb))
+        return lr
+    if TaskSettings.lr_schedule_type == 'linear':
+        if current_mb < TaskSettings.lr_lin_steps:
+            return np.linspace(TaskSettings.lr, TaskSettings.lr_lin_min, num=TaskSettings.lr_lin_steps)[current_mb]
+        else:
+            return TaskSettings.lr_lin_min
+    if TaskSettings.lr_schedule_type == 'step':
+        mb_per_ep = 50000*(1-TaskSettings.val_set_fraction)//TaskSettings.minibatch_size
+        lr_step_mb = np.array(TaskSettings.lr_step_ep) * mb_per_ep
+        step_mbs_relative = lr_step_mb - current_mb
+        for i in range(len(step_mbs_relative)):
+            if step_mbs_relative[i] > 0:
+                if i == 0: return TaskSettings.lr
+                else: return TaskSettings.lr * TaskSettings.lr_step_multi[i-1]
+        return TaskSettings.lr * TaskSettings.lr_step_multi[-1]
+
+
+def original_get_checkpoints(dataset_size, val_set_fraction, mb_size, training_duration_in_mbs,
+                             epochs_between_checkpoints):
+    trainingset_size = int(np.floor(dataset_size*(1-val_set_fraction)))
+    mbs_per_epoch = trainingset_size // mb_size
+    mbs_per_checkpoint = mbs_per_epoch * epochs_between_checkpoints
+    checkpoints = [0]
+    while checkpoints[-1] < training_duration_in_mbs:
+        checkpoints.append(checkpoints[-1]+mbs_per_checkpoint)
+    checkpoints[-1] = training_duration_in_mbs
+    return checkpoints
+
+
+def original_smooth(y, smoothing_window, times):
+    for t in range(times):
+        smooth = []
+        for i in range(len(y)):
+            window_start = np.clip(i-(smoothing_window//2), 0, i)
+            window_end = np.clip(i+(smoothing_window//2), 0, len(y))
+            smooth.append(np.mean(y[window_start:window_end]))
+        y = smooth
+    return smooth
+
+
+def original_early_stopping_minibatch(val_data, val_mb, checkpoints):
+    val_steps_total = len(val_data)
+    mb_per_val = val_mb[-1] // val_steps_total
+    smoothing_window_mb = np.minimum(2000, np.maximum(val_mb[-1]//10, 500))
+    smoothing_window = smoothing_window_mb // mb_per_val
+    smooth_val_data = original_smooth(val_data, smoothing_window, 3)
+    available_val_data = []
+    for i in range(len(checkpoints)):
+        val_data_idx_closest_to_save_spot = np.argmin(np.abs(np.array(val_mb)-checkpoints[i]))
+        available_val_data.append(smooth_val_data[val_data_idx_closest_to_save_spot])
+    minibatch_max_available_val_data = checkpoints[np.argmax(available_val_data)]
+    return minibatch_max_available_val_data
+
+
+def original_validation_mbs(n_minibatches, val_to_val_mbs=20):
+    """Where the original's train() validates: mb 0, then mb % 20 == 0 or the last."""
+    return [0] + [mb for mb in range(1, n_minibatches + 1) if mb % val_to_val_mbs == 0 or mb == n_minibatches]
+
+
+CIFAR = dict(lr=0.001, val_set_fraction=0.05, minibatch_size=256, lr_decay=0.00004, lr_lin_min=0.0004,
+             lr_lin_steps=60000, lr_step_ep=[200, 250, 300], lr_step_multi=[0.1, 0.01, 0.001])
+
+
+@pytest.mark.parametrize("kind, overrides", [
+    ("constant", {}), ("decay", {}), ("decay", {"lr_decay": 0.5}), ("linear", {}),
+    ("linear", {"lr_lin_steps": 1000, "lr_lin_min": 0.00001}), ("step", {}),
+    ("step", {"lr_step_ep": [1, 3], "lr_step_multi": [0.5, 0.1], "minibatch_size": 100}),
+    ("step", {"lr_step_ep": [2, 4, 6], "lr_step_multi": [0.3, 0.2, 0.1], "val_set_fraction": 0.1})])
+def test_learning_rate_is_the_originals_at_and_around_every_boundary(kind, overrides):
+    s = dict(CIFAR, lr_schedule_type=kind, **overrides)
+    mbs_per_epoch = 50000 * (1 - s["val_set_fraction"]) // s["minibatch_size"]
+    boundaries = [int(e * mbs_per_epoch) for e in s["lr_step_ep"]] + [s["lr_lin_steps"], 1]
+    mbs = sorted({mb for b in boundaries for mb in range(max(b - 3, 1), b + 4)} | {1, 2, 100, 59999, 60000, 70000})
+    original = OriginalSettings(s)
+    for mb in mbs:
+        assert task.learning_rate(s, mb, 50000) == original_lr_scheduler(original, mb), f"mb {mb}"
+
+
+def test_step_multipliers_are_absolute():
+    s = dict(CIFAR, lr_schedule_type="step")  # boundaries at 200, 250, 300 epochs of 185 minibatches
+    rates = [task.learning_rate(s, mb, 50000) for mb in (37000 - 1, 37000, 46250, 55500, 80000)]
+    assert rates == [0.001, 0.001 * 0.1, 0.001 * 0.01, 0.001 * 0.001, 0.001 * 0.001]
+
+
+@pytest.mark.parametrize("n_images, fraction, batch, n, epochs", [
+    (50000, 0.05, 256, 60000, 3), (50000, 0.05, 256, 555, 3), (50000, 0.1, 128, 3000, 1),
+    (320, 0.05, 16, 24, 1), (320, 0.05, 16, 38, 1), (5000, 0.02, 40, 250, 1)])
+def test_checkpoints_are_the_originals(n_images, fraction, batch, n, epochs):
+    s = dict(val_set_fraction=fraction, minibatch_size=batch, n_minibatches=n, epochs_between_checkpoints=epochs,
+             create_checkpoints=False)  # as in the original, the flag does not change the checkpoints
+    assert task.checkpoint_mbs(s, n_images) == original_get_checkpoints(n_images, fraction, batch, n, epochs)
+
+
+@pytest.mark.parametrize("n_saves, n", [(10, 60000), (10, 5), (2, 24), (1, 7), (3, 2), (0, 10), (7, 1)])
+def test_weight_saves_are_the_originals_distinct_rounded_points(n_saves, n):
+    original = np.around(np.linspace(1, n, num=n_saves, endpoint=True)).tolist()
+    assert task.weight_save_mbs(n_saves, n) == {int(mb) for mb in original}
+
+
+@pytest.mark.parametrize("n", [60000, 3000, 20, 21, 7])
+def test_validations_are_where_the_original_validates(n):
+    assert task.validation_mbs({"n_minibatches": n, "val_every": 20}) == original_validation_mbs(n)
+
+
+def test_smoothing_is_the_originals():
     rng = np.random.default_rng(1)
-    mbs = np.arange(0, 400, 10)
-    values = rng.random(len(mbs))
-    expected = values.copy()
-    for _ in range(3):
-        expected = np.array([np.mean([expected[j] for j in range(len(mbs)) if abs(mbs[j] - mbs[i]) <= 25])
-                             for i in range(len(mbs))])
-    np.testing.assert_allclose(task.smooth(mbs, values, 50), expected, rtol=1e-12)
+    values = rng.random(301).tolist()
+    for window in (2, 3, 10, 11, 105, 400):
+        np.testing.assert_array_equal(task.smooth(values, window), original_smooth(values, window, 3))
 
 
-def test_smoothing_window_formula():
-    assert task.smoothing_window(1000) == 500
-    assert task.smoothing_window(8000) == 800
-    assert task.smoothing_window(60000) == 2000
+@pytest.mark.parametrize("n", [60000, 30000, 5000, 3000])
+def test_smoothing_window_is_the_originals_integer_arithmetic(n):
+    val_mbs = original_validation_mbs(n)
+    mb_per_val = val_mbs[-1] // len(val_mbs)
+    assert task.smoothing_window(val_mbs) == min(2000, max(n // 10, 500)) // mb_per_val
+
+
+def _curve(val_mbs, seed, peak):
+    rng = np.random.default_rng(seed)
+    n = val_mbs[-1]
+    return [0.3 + 0.5 * np.exp(-((m - peak * n) / (0.3 * n)) ** 2) + 0.03 * rng.normal() for m in val_mbs]
 
 
 def _record(checkpoints, val_mbs, val_top1):
@@ -88,28 +197,48 @@ def _record(checkpoints, val_mbs, val_top1):
             "settings": {"create_val_set": True}}
 
 
-def test_early_stopping_picks_best_smoothed_checkpoint():
-    val_mbs = list(range(0, 101, 5))
-    curve = [0.1 + 0.8 * np.exp(-((m - 40) / 15) ** 2) for m in val_mbs]  # peak at 40
-    record = _record([0, 20, 40, 60, 80, 100], val_mbs, curve)
-    best, smoothed = task.early_stopping_mb(record, window=10)
-    assert best == 40 and len(smoothed) == len(val_mbs)
+@pytest.mark.parametrize("n, epochs, seed, peak", [
+    (60000, 3, 0, 0.5), (60000, 3, 1, 0.8), (60000, 8, 2, 0.3), (6000, 1, 3, 0.6), (3000, 1, 4, 0.9)])
+def test_early_stopping_is_the_originals(n, epochs, seed, peak):
+    val_mbs = original_validation_mbs(n)
+    checkpoints = original_get_checkpoints(50000, 0.05, 256, n, epochs)
+    curve = _curve(val_mbs, seed, peak)
+    best, smoothed = task.early_stopping_mb(_record(checkpoints, val_mbs, curve), val_mbs)
+    assert best == original_early_stopping_minibatch(curve, val_mbs, checkpoints)
+    mb_per_val = val_mbs[-1] // len(val_mbs)
+    window = min(2000, max(n // 10, 500)) // mb_per_val
+    np.testing.assert_array_equal(smoothed, original_smooth(curve, window, 3))
 
 
-def test_checkpoints_to_keep_drops_only_losers_that_are_final():
-    val_mbs = list(range(0, 101, 5))
-    curve = [0.1 + 0.8 * np.exp(-((m - 40) / 15) ** 2) for m in val_mbs]
-    record = _record([0, 20, 40, 60, 80, 100], val_mbs, curve)
-    keep = task.checkpoints_to_keep(record, window=10)  # horizon 15 minibatches
-    assert keep == {40, 100}
-    # whatever is pruned can never win: the final choice is among the kept ones
-    assert task.early_stopping_mb(record, 10)[0] in keep
+def test_exact_tie_goes_to_the_later_checkpoint():
+    """A run shorter than half the window smooths to a flat curve: the original's argmax took mb 0."""
+    val_mbs = original_validation_mbs(200)
+    curve = _curve(val_mbs, 5, 0.5)
+    checkpoints = [0, 100, 200]
+    assert original_early_stopping_minibatch(curve, val_mbs, checkpoints) == 0
+    assert task.early_stopping_mb(_record(checkpoints, val_mbs, curve), val_mbs)[0] == 200
+
+
+@pytest.mark.parametrize("n, seed", [(6000, 0), (60000, 1), (3000, 2)])
+def test_scores_called_final_never_change_and_pruning_never_drops_the_winner(n, seed):
+    val_mbs = original_validation_mbs(n)
+    checkpoints = original_get_checkpoints(50000, 0.05, 256, n, 1)
+    curve = _curve(val_mbs, seed, 0.4)
+    final_scores, _ = task.checkpoint_scores(_record(checkpoints, val_mbs, curve), val_mbs)
+    winner = task.early_stopping_mb(_record(checkpoints, val_mbs, curve), val_mbs)[0]
+    for k, c in enumerate(checkpoints):  # the state right after checkpoint c was written
+        done = len([m for m in val_mbs if m <= c])
+        partial = _record(checkpoints[:k + 1], val_mbs[:done], curve[:done])
+        scores, _ = task.checkpoint_scores(partial, val_mbs)
+        assert all(scores[mb] == final_scores[mb] for mb in scores)
+        assert winner not in checkpoints[:k + 1] or winner in task.checkpoints_to_keep(partial, val_mbs)
+    assert task.checkpoints_to_keep(_record(checkpoints, val_mbs, curve), val_mbs) == {winner}
 
 
 def test_early_stopping_without_validation_split_takes_last_checkpoint():
     record = _record([0, 10, 20], [0, 10, 20], [0.9, 0.1, 0.2])
     record["settings"]["create_val_set"] = False
-    assert task.early_stopping_mb(record, 10)[0] == 20
+    assert task.early_stopping_mb(record, [0, 10, 20])[0] == 20
 
 
 # ---------------------------------------------------------------- whole runs
@@ -127,10 +256,11 @@ def test_end_to_end_run_writes_everything_and_keeps_only_the_tested_model(tiny_r
     assert record["early_stopping_mb"] in record["checkpoints"]
     assert 0.0 <= record["test_top1"] <= 1.0 and record["test_apc"].shape == (10,)
     assert len(record["val_apc_hist"]) == len(record["val_mb_n_hist"])
-    assert set(record["val_preact_stats_hist"][-1]) == {"conv1", "conv2", "conv3", "conv4", "dense1", "dense2"}
-    # one status line per validation, then the test line
+    assert set(record["val_preact_stats_hist"][-1]) == {"conv1", "conv2", "conv3", "conv4", "dense5", "dense6"}
+    # one status line per validation, then the test line with the accuracy per class
     status = [line for line in lines if " | mb " in line]
-    assert len(status) == len(record["val_mb_n_hist"]) and "test at mb" in lines[-1]
+    assert len(status) == len(record["val_mb_n_hist"]) and "test of the model of minibatch" in lines[-1]
+    assert "accuracy per class: 1: " in lines[-1] and " | 10: " in lines[-1]
     assert list(task.checkpoint_dirs(paths["models"])) == [record["early_stopping_mb"]]
     assert not glob.glob(os.path.join(paths["models"], "*", "state.*"))
     assert not os.path.exists(paths["split"])
@@ -140,10 +270,8 @@ def test_end_to_end_run_writes_everything_and_keeps_only_the_tested_model(tiny_r
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "test completed: True" in open(paths["run_info"]).read()
     es = record["early_stopping_mb"]
-    assert os.path.exists(os.path.join(paths["exp"], "0_af_weights", f"af_weights_spec_run_1_mb_{es}.pkl"))
+    assert not os.path.exists(os.path.join(paths["exp"], "0_af_weights"))  # nothing trainable: no AF file
     assert os.path.exists(os.path.join(paths["all_weights"], f"all_weights_spec_run_1_mb_{es}.pkl"))
-    af = load_pickle(os.path.join(paths["exp"], "0_af_weights", "af_weights_spec_run_1_mb_24.pkl"))
-    assert af["layers"]["conv1"]["blend_weights_raw"].shape == (1,)
 
 
 def test_runs_are_deterministic_and_seeded(tmp_path):
@@ -218,7 +346,7 @@ def test_test_mode_evaluates_the_kept_model(tiny_root, capsys):
     record = record_of(s)
     assert deepnet_main.main(["-mode", "test", "-path_relative", str(tiny_root), "-experiment_name", "exp",
                               "-spec_name", "spec", "-run", "1", "-network", "smcnLin"]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = [line for line in capsys.readouterr().out.splitlines() if "test of the model" in line][-1]
     assert f"minibatch {record['early_stopping_mb']}" in line
     assert f"top-1 {record['test_top1']:.4f}" in line and f"loss {record['test_loss']:.4f}" in line
 
@@ -236,3 +364,143 @@ def test_each_schedule_trains(tiny_root, kind):
                      lr_step_ep=[0], lr_step_multi=[0.5], spec_name=f"lr_{kind}")
     assert train(s) == 0
     assert record_of(s)["test_completed"]
+
+
+# ---------------------------------------------------------------- files as the original writes them
+
+def _abu_settings(root, **overrides):
+    return run_settings(root, af_set="5_blend5_swish", blend_trainable=True, swish_beta_trainable=True,
+                        **overrides)
+
+
+def test_all_weights_file_holds_every_trainable_variable_of_the_saved_model(tiny_root):
+    import tensorflow as tf
+    s = _abu_settings(tiny_root, safe_all_ws_n=2)
+    assert train(s) == 0
+    record, paths = record_of(s), task.run_paths(s)
+    es = record["early_stopping_mb"]
+    saved = load_pickle(os.path.join(paths["all_weights"], f"all_weights_spec_run_1_mb_{es}.pkl"))
+    reader = tf.train.load_checkpoint(os.path.join(task.checkpoint_dirs(paths["models"])[es], "model"))
+    shapes = reader.get_variable_to_shape_map()
+    expected = {f"{name}:0" for name in shapes if "/bn" not in name}
+    assert set(saved) == expected and len(saved) == 4 * 7 - 2  # weights, biases (7 layers), blend, beta (6)
+    for name, value in saved.items():
+        assert value.shape == tuple(shapes[name[:-2]])
+        np.testing.assert_array_equal(value, reader.get_tensor(name[:-2]))
+    assert saved["smcnLin/conv1/swish_beta:0"].shape == (1,) and "smcnLin/denseout/weights:0" in saved
+    # the saves during training: round(linspace(1, 24, 2)) = minibatches 1 and 24
+    assert sorted(os.listdir(paths["all_weights"])) == ["all_weights_spec_run_1_mb_1.pkl",
+                                                         "all_weights_spec_run_1_mb_24.pkl"]
+
+
+def test_af_weights_files_are_the_originals_format(tiny_root):
+    s = _abu_settings(tiny_root, safe_af_ws_n=3)
+    assert train(s) == 0
+    folder = os.path.join(task.run_paths(s)["exp"], "0_af_weights")
+    es = record_of(s)["early_stopping_mb"]
+    assert sorted(f for f in os.listdir(folder) if f.endswith(".pkl")) == sorted(
+        f"af_weights_spec_run_1_mb_{mb}.pkl" for mb in {1, 12, 24, es})  # round(linspace(1, 24, 3)), test mb
+    saved = load_pickle(os.path.join(folder, "af_weights_spec_run_1_mb_24.pkl"))
+    layers = ("conv1", "conv2", "conv3", "conv4", "dense5", "dense6")
+    assert set(saved) == {f"smcnLin/{layer}/{var}:0" for layer in layers for var in ("blend_weights_raw", "swish_beta")}
+    assert all(isinstance(v, list) and len(v) == (1 if "beta" in k else 5) for k, v in saved.items())
+    tested = record_of(s)["test_af_weights"]
+    if es == 24:
+        np.testing.assert_array_equal(tested["dense6"]["blend_weights_raw"], saved["smcnLin/dense6/blend_weights_raw:0"])
+    assert tested["dense6"]["swish_beta"] is not None and tested["conv1"]["blend_weights"].shape == (5,)
+
+
+def test_short_runs_work_with_every_other_flag_at_its_default(tiny_root):
+    s = run_settings(tiny_root, n_minibatches=5, safe_af_ws_n=10, safe_all_ws_n=2, blend_trainable=True)
+    assert train(s) == 0
+    folder = os.path.join(task.run_paths(s)["exp"], "0_af_weights")
+    assert sorted(int(f.split("_mb_")[1][:-4]) for f in os.listdir(folder) if f.endswith(".pkl")) \
+        == sorted({1, 2, 3, 4, 5} | {record_of(s)["early_stopping_mb"]})
+
+
+def test_recorded_losses_are_the_optimised_loss_with_the_cross_entropy_beside(tiny_root):
+    plain = run_settings(tiny_root, spec_name="plain", n_minibatches=8)
+    decayed = dict(plain, spec_name="decayed", use_wd=True, wd_lambda=0.01)
+    for s in (plain, decayed):
+        assert train(s) == 0
+    p, d = record_of(plain), record_of(decayed)
+    assert p["train_loss_hist"] == p["train_xentropy_hist"] and p["val_loss_hist"] == p["val_xentropy_hist"]
+    # the first minibatch sees the initial weights: its decay term is wd * sum(w^2)/2 of the initial model
+    gaps = np.array(d["train_loss_hist"]) - np.array(d["train_xentropy_hist"])
+    assert np.all(gaps > 0) and np.all(np.array(d["val_loss_hist"]) > np.array(d["val_xentropy_hist"]))
+    assert d["test_loss"] > d["test_xentropy"]
+    assert d["train_xentropy_hist"][0] == pytest.approx(p["train_xentropy_hist"][0], rel=1e-6)
+
+
+def _original_array_to_list(a):
+    if len(a.shape) == 4:
+        b = []
+        for i in range(a.shape[0]):
+            b.append(a[i, :, :, :])
+    if len(a.shape) == 1:
+        b = a.tolist()
+    return b
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+def test_pickles_of_the_original_preprocessing_are_accepted(tmp_path, dtype):
+    """{'labels': list of int, 'images': list of (32, 32, 3) arrays}, pickled as the original's save_dataset."""
+    import pickle
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 320), ("test", 80)):
+        raw = rng.integers(0, 256, (n, 3, 32, 32)).transpose(0, 2, 3, 1)  # reshape_cifar's transposed view
+        images = raw.astype(dtype) if dtype == np.uint8 else (raw / 255.0).astype(dtype)
+        labels = rng.integers(0, 10, n)
+        path = tmp_path / "1_data_cifar10" / f"{split}_set" / f"cifar10_{split}set.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            pickle.dump({'labels': _original_array_to_list(labels), 'images': _original_array_to_list(images)}, f,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+        loaded, loaded_labels = task.load_dataset(str(path), 10)
+        assert loaded.dtype == np.float32 and loaded.shape == (n, 32, 32, 3)
+        np.testing.assert_array_equal(loaded, images.astype(np.float32))
+        np.testing.assert_array_equal(loaded_labels, labels)
+    s = run_settings(tmp_path, preprocessing="none", n_minibatches=4)
+    assert train(s) == 0 and record_of(s)["test_completed"]
+
+
+def test_status_file_follows_the_run(tiny_root):
+    import json
+    s = run_settings(tiny_root, n_minibatches=40, walltime=1e-4)
+    paths = task.run_paths(s)
+    assert train(s) == 0
+    status = json.load(open(paths["status"]))
+    assert status["state"] == "incomplete" and status["message"] == "walltime reached"
+    assert status["mb"] == status["last_checkpoint_mb"] == 19 and status["n_minibatches"] == 40
+    first_seconds = status["train_seconds"]
+    while not record_of(s)["test_completed"]:
+        assert train(s) == 0
+    status = json.load(open(paths["status"]))
+    record = record_of(s)
+    assert status["state"] == "complete" and status["test_top1"] == record["test_top1"]
+    assert status["val_top1"] == record["val_top1_hist"][-1] and status["pid"] == os.getpid()
+    assert status["train_seconds"] > first_seconds
+
+
+def test_tensorboard_summaries_every_20_minibatches_and_a_start_marker_on_resume(tiny_root):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    s = run_settings(tiny_root, n_minibatches=45, walltime=1e-4, af_set="5_blend5_swish",
+                     blend_trainable=True, swish_beta_trainable=True)
+    while not os.path.exists(task.run_paths(s)["record"]) or not record_of(s)["test_completed"]:
+        assert train(s) == 0
+    steps, tags, starts = {}, set(), []
+    for path in glob.glob(os.path.join(task.run_paths(s)["summaries"], "events.*")):
+        for event in EventFileLoader(path).Load():
+            if event.HasField("session_log"):
+                starts.append(event.step)
+            for value in event.summary.value:
+                tags.add(value.tag)
+                steps.setdefault(value.tag, set()).add(event.step)
+    assert steps["objective/loss"] == {20, 40} and steps["validation/top1"] == {0, 4, 8, 12, 16, 20, 24, 28, 32,
+                                                                                 36, 40, 44, 45}
+    for layer in ("conv1", "dense6"):
+        for what in ("weights", "biases", "preact", "activation", "blend_weights", "swish_beta"):
+            assert {f"smcnLin/{layer}/{what}/{stat}" for stat in ("mean", "stddev", "max", "min", "histogram")} <= tags
+    assert {f"smcnLin/conv1/weights/gradient/{stat}" for stat in ("mean", "histogram")} <= tags
+    assert {"objective/top1", "objective/top5"} <= tags
+    assert sorted(starts) == [19, 38]  # one marker per resumed session, at the minibatch it resumed from
