@@ -488,6 +488,64 @@ def _clock(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+# ---------------------------------------------------------------- TensorBoard HParams
+
+NOT_HPARAMS = ("path_relative", "experiment_name", "mode", "walltime", "reference")
+ALWAYS_SHOWN_HPARAMS = ("af_set", "blend_mode", "network", "optimizer", "lr", "minibatch_size", "seed")
+HPARAM_METRICS = {"hparams/test_top1": "test top-1", "hparams/test_top5": "test top-5",
+                  "hparams/best_val_top1": "best validation top-1",
+                  "hparams/early_stopping_mb": "early-stopping minibatch"}
+HPARAMS_CONFIG_SUFFIX = ".hparams_config"
+
+
+def hparam_values(s):
+    """A run's settings as HParams values: every flag but the bookkeeping ones, lists as text."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else
+            " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            for key, value in s.items() if key not in NOT_HPARAMS}
+
+
+def _as_tf_summary(proto):
+    return tf.Summary.FromString(proto.SerializeToString())
+
+
+def log_hparams(writer, s):
+    """The run's HParams session start (once per run: at its first minibatch)."""
+    from tensorboard.plugins.hparams import summary_v2 as hp
+    writer.add_summary(_as_tf_summary(hp.hparams_pb(hparam_values(s), trial_id=f"{s['spec_name']}/run_{s['run']}")))
+    writer.flush()
+
+
+def log_final_metrics(writer, record):
+    """The HParams metrics of a tested run, as scalars at its last minibatch."""
+    values = {"hparams/test_top1": record["test_top1"], "hparams/test_top5": record["test_top5"],
+              "hparams/best_val_top1": max(record["val_top1_hist"]),
+              "hparams/early_stopping_mb": record["early_stopping_mb"]}
+    writer.add_summary(tf.Summary(value=[tf.Summary.Value(tag=tag, simple_value=float(value))
+                                         for tag, value in values.items()]), record["mb_count_total"])
+    writer.flush()
+
+
+def write_hparams_config(exp_dir, settings_by_spec):
+    """The experiment's HParams config in EXP/0_summaries/: spec_name, the settings that differ between
+    the specs, the always-shown ones, and the metrics. Replaces the config written before."""
+    from tensorboard.plugins.hparams import summary_v2 as hp
+    values = [hparam_values(s) for s in settings_by_spec.values()]
+    keys = sorted({key for v in values for key in v})
+    differ = [key for key in keys if key not in ("spec_name", "run", "seed")
+              and len({repr(v.get(key)) for v in values}) > 1]
+    shown = list(dict.fromkeys(["spec_name", *differ, *ALWAYS_SHOWN_HPARAMS, "run"]))
+    config = hp.hparams_config_pb([hp.HParam(key) for key in shown],
+                                  [hp.Metric(tag, display_name=name) for tag, name in HPARAM_METRICS.items()])
+    folder = os.path.join(exp_dir, "0_summaries")
+    for path in glob.glob(os.path.join(glob.escape(folder), f"*{HPARAMS_CONFIG_SUFFIX}")):
+        os.remove(path)
+    writer = tf.summary.FileWriter(folder, filename_suffix=HPARAMS_CONFIG_SUFFIX)
+    writer.add_summary(_as_tf_summary(config))
+    writer.close()
+    return shown
+
+
 # ---------------------------------------------------------------- locking and signals
 
 class RunLock:
@@ -720,6 +778,7 @@ class Trainer:
         else:
             self.record = new_recorder(s, self.data.mbs_per_epoch)
             self.status.write(self.record, "running", "started")
+            log_hparams(self.writer, s)
             self.sess.run(self.init_op)
             self._validate(0)
             self._checkpoint(0)
@@ -821,6 +880,7 @@ class Trainer:
             else set(record["checkpoints"][-1:])
         self.checkpointer.prune(keep, keep_state_mb=mb)
         save_pickle(self.paths["record"], record)
+        self.writer.flush()
         write_run_info(self.s, record, "training" if not record["training_completed"] else "testing")
         self.status.last_checkpoint_mb = mb
         self.status.write(record, "running", "training" if not record["training_completed"] else "testing")
@@ -884,6 +944,7 @@ class Trainer:
         plot_early_stopping(record, smoothed, paths["early_stopping"])
         if s["create_lc_on_the_fly"]:
             plot_learning_curves(record, paths["learning_curves"])
+        log_final_metrics(self.writer, record)  # before the recorder: a kill in between repeats, never loses it
         save_pickle(paths["record"], record)
         write_run_info(s, record, "complete")
         finish_cleanup(paths, record)
