@@ -4,6 +4,7 @@
     python deepnet_supervisor.py --specs relu,ABU --runs 1-10 --workers 4
     python deepnet_supervisor.py --backend slurm                   # write + submit a job array
     python deepnet_supervisor.py --dry-run --set n_minibatches=1000
+    python deepnet_supervisor.py --status --workers 4              # where is the sweep? (reads, writes nothing)
 
 Edit the settings, specs and sweeps below; the command line picks a sweep, a subset and overrides.
 Every run's command carries every setting, so a run folder is reproducible from its log alone.
@@ -11,10 +12,16 @@ Runs that are complete (recorder test_completed) or diverged are skipped; unfini
 again and resume from their newest checkpoint. So running the same command again after an
 interruption, a failure or a cluster time limit continues the sweep, and once every run is complete
 it only (re)writes the analysis.
+A run whose lock another live process holds (an earlier supervisor's orphan, a cluster job) is not started:
+the sweep waits for it (or, with --no-wait, leaves it) and analyses only once every run has ended.
+Local runs get SIGTERM when their supervisor dies, so they checkpoint instead of training on unnoticed.
 """
 import argparse
-import math
+import ctypes
+import heapq
+import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -22,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from deepnet_util import UserError, load_pickle, run_cli, save_text
+from deepnet_util import RunLock, UserError, load_pickle, run_cli, save_text
 
 # ---------------------------------------------------------------- settings (every deepnet_main.py flag)
 
@@ -152,6 +159,9 @@ PER_RUN_FLAGS = ("mode", "experiment_name", "spec_name", "run")
 NOT_PASSED = ("reference",)         # analysis-only settings, not given to training runs
 POLL_S = 0.5
 STOP_TIMEOUT_S = 180                # a stopped run gets this long to write its checkpoint
+ELSEWHERE_POLL_S = 5                # how often the locks of runs running elsewhere are checked
+WAIT_REPORT_S = 600                 # a line about the runs still running elsewhere this often
+PR_SET_PDEATHSIG = 1                # linux/prctl.h
 
 
 # ---------------------------------------------------------------- settings from the command line
@@ -269,10 +279,34 @@ def log_path(settings):
     return os.path.join(run_dir(settings), f"log_{spec}_run_{run}.txt")
 
 
+def record_path(settings):
+    spec, run = settings["spec_name"], settings["run"]
+    return os.path.join(run_dir(settings), f"record_{spec}_run_{run}.pkl")
+
+
+def status_path(settings):
+    return os.path.join(run_dir(settings), "status.json")
+
+
+def lock_path(settings):
+    return os.path.join(run_dir(settings), ".lock")
+
+
+def run_name(settings):
+    return f"{settings['spec_name']} run {settings['run']}"
+
+
+def lock_holder(settings):
+    """Who holds the run's lock, e.g. 'process 12 on node3' ('' if nobody, None if the lock cannot be read)."""
+    try:
+        return RunLock.holder(lock_path(settings))
+    except OSError:
+        return None
+
+
 def run_state(settings):
     """'complete', 'diverged' or 'todo', from the run's recorder."""
-    spec, run = settings["spec_name"], settings["run"]
-    path = os.path.join(run_dir(settings), f"record_{spec}_run_{run}.pkl")
+    path = record_path(settings)
     if not os.path.isfile(path):
         return "todo"
     try:
@@ -309,6 +343,19 @@ def split_by_state(runs, out):
     if diverged:
         out(f"{len(diverged)} diverged runs skipped (not restarted): {', '.join(diverged)}")
     return todo, complete
+
+
+def split_running_elsewhere(todo, out):
+    """(runs free to start, [(settings, holder)] of runs whose lock another live process holds)."""
+    free, elsewhere = [], []
+    for settings in todo:
+        holder = lock_holder(settings)
+        if holder:
+            out(f"{run_name(settings)}: running elsewhere ({holder})")
+            elsewhere.append((settings, holder))
+        else:
+            free.append(settings)
+    return free, elsewhere
 
 
 # ---------------------------------------------------------------- data
@@ -375,14 +422,71 @@ def launch(settings, env):
     args = command(settings)
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} deepnet_supervisor: {shlex.join(args)}\n".encode())
     log.flush()
-    proc = subprocess.Popen(args, cwd=REPO_DIR, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
-    return proc, log
+    return start_process(args, log, env), log
+
+
+def start_process(args, log, env):
+    """Popen a worker in its own session (the terminal's Ctrl-C reaches only the supervisor, which stops the
+    workers) that gets SIGTERM when the supervisor dies, so it checkpoints instead of training on unnoticed."""
+    return subprocess.Popen(args, cwd=REPO_DIR, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, start_new_session=True, preexec_fn=die_with_parent())
+
+
+def die_with_parent(signum=signal.SIGTERM):
+    """A preexec_fn: the child gets signum when this process dies (Linux prctl; None where there is none).
+
+    Linux sends it when the thread that started the child ends: start workers from the main thread.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm():
+        prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(int(signum)))
+        if os.getppid() != parent:      # the supervisor died before prctl took effect
+            os.kill(os.getpid(), signum)
+    return arm
 
 
 def clock(seconds):
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def finish_time(busy, pending, workers):
+    """Seconds until every run has ended: each busy run holds a worker for its remaining seconds; pending
+    runs (their expected seconds, in launch order) each take the worker that frees first."""
+    free_at = list(busy) + [0.0] * max(workers - len(busy), 0)
+    heapq.heapify(free_at)
+    for seconds in pending:
+        heapq.heappush(free_at, heapq.heappop(free_at) + seconds)
+    return max(free_at, default=0.0)
+
+
+def log_tail(path, size=4096):
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(os.path.getsize(path) - size, 0))
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def locked_elsewhere(settings, returncode):
+    """The holder ('process P on HOST') when a run exited because another process runs it, else ''.
+
+    deepnet_main exits 2 with '...: this run is already running (HOLDER)' then; the lock may be free again
+    by the time the exit is seen, so the log's last line counts as well."""
+    if returncode != 2:
+        return ""
+    holder = lock_holder(settings)
+    if holder:
+        return holder
+    lines = log_tail(log_path(settings)).strip().splitlines()
+    found = re.search(r"this run is already running \((.*)\)$", lines[-1]) if lines else None
+    return found.group(1) if found else ""
 
 
 def outcome(settings, returncode):
@@ -398,22 +502,29 @@ def outcome(settings, returncode):
 
 
 class LocalPool:
-    """Runs the given runs with at most `workers` processes at once."""
+    """Runs the given runs with at most `workers` processes at once.
 
-    def __init__(self, runs, workers, out=print):
+    Runs another process holds (elsewhere: [(settings, holder)]) are not started; with wait they are
+    watched until they end, then counted (complete, diverged) or queued to resume here.
+    """
+
+    def __init__(self, runs, workers, out=print, elsewhere=(), wait=True):
         self.pending, self.workers, self.out = list(runs), workers, out
-        self.total, self.done, self.running = len(runs), 0, {}
+        self.elsewhere, self.wait = list(elsewhere), wait
+        self.total, self.done, self.running = len(runs) + len(self.elsewhere), 0, {}
         self.counts = {"complete": 0, "incomplete": 0, "diverged": 0, "failed": 0}
         self.durations = []
         self.env = child_environment(workers)
+        self.elsewhere_checked = self.wait_reported = time.time()
 
     def run(self):
         """Returns the outcome counts; Ctrl-C / SIGTERM stop the children (they checkpoint) and re-raise."""
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            while self.pending or self.running:
+            while self.pending or self.running or (self.wait and self.elsewhere):
                 self._fill()
-                if not self._reap():
+                reaped = self._reap()
+                if not (reaped or self._check_elsewhere()):
                     time.sleep(POLL_S)
         except KeyboardInterrupt:
             self._stop_all()
@@ -433,23 +544,53 @@ class LocalPool:
         for proc in finished:
             settings, log, began = self.running.pop(proc)
             log.close()
+            holder = locked_elsewhere(settings, proc.returncode)
+            if holder:                  # it lost the race for the lock: not a failure
+                self.out(f"{run_name(settings)}: running elsewhere ({holder})")
+                self.elsewhere.append((settings, holder))
+                continue
             kind, text = outcome(settings, proc.returncode)
-            self.counts[kind] += 1
-            self.done += 1
-            self._report(settings, text, time.time() - began)
+            self._count(settings, kind, f"{text} in {clock(time.time() - began)}", time.time() - began)
         return finished
 
-    def _report(self, settings, text, seconds):
-        self.durations.append(seconds)
-        self.out(f"[{self.done}/{self.total}] {settings['spec_name']} run {settings['run']}: {text} "
-                 f"in {clock(seconds)} | failures {self.counts['failed']} | ETA {clock(self._eta())}")
+    def _check_elsewhere(self):
+        """Count or queue the runs running elsewhere that have ended; now and then a line about the others."""
+        now = time.time()
+        if not self.elsewhere or now - self.elsewhere_checked < ELSEWHERE_POLL_S:
+            return []
+        self.elsewhere_checked = now
+        ended = [item for item in self.elsewhere if not lock_holder(item[0])]
+        for item in ended:
+            self.elsewhere.remove(item)
+            settings = item[0]
+            state = run_state(settings)
+            if state == "todo":
+                self.out(f"{run_name(settings)}: ended elsewhere unfinished; resuming it here")
+                self.pending.append(settings)
+            else:
+                self._count(settings, state, f"{state} (ran elsewhere)")
+        if self.elsewhere and now - self.wait_reported >= WAIT_REPORT_S:
+            self.wait_reported = now
+            self.out(f"waiting for {len(self.elsewhere)} run(s) running elsewhere: "
+                     + ", ".join(f"{run_name(s)} ({holder})" for s, holder in self.elsewhere))
+        return ended
+
+    def _count(self, settings, kind, text, seconds=None):
+        self.counts[kind] += 1
+        self.done += 1
+        if seconds is not None:
+            self.durations.append(seconds)
+        eta = clock(self._eta()) if self.durations else "unknown"
+        also = f" (+ {len(self.elsewhere)} running elsewhere)" if self.elsewhere else ""
+        self.out(f"[{self.done}/{self.total}] {run_name(settings)}: {text} | failures {self.counts['failed']} "
+                 f"| ETA {eta}{also}")
 
     def _eta(self):
-        """Mean run time: what the running runs still need plus the waiting runs, `workers` at a time."""
+        """Mean run time: running runs need the rest of it, waiting runs take the first free worker."""
         mean = sum(self.durations) / len(self.durations)
         now = time.time()
-        running = max((max(mean - (now - began), 0) for _, _, began in self.running.values()), default=0)
-        return running + mean * math.ceil(len(self.pending) / self.workers)
+        busy = [max(mean - (now - began), 0) for _, _, began in self.running.values()]
+        return finish_time(busy, [mean] * len(self.pending), self.workers)
 
     def _stop_all(self):
         self.out(f"interrupted: stopping {len(self.running)} running run(s); they write a checkpoint "
@@ -473,14 +614,19 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_local(todo, workers, out=print):
-    """Run the runs; returns the outcome counts."""
-    if not todo:
+def run_local(todo, workers, out=print, elsewhere=(), wait=True):
+    """Run the runs (and with wait, wait for those running elsewhere); returns the outcome counts."""
+    if not todo and not (wait and elsewhere):
         return {"complete": 0, "incomplete": 0, "diverged": 0, "failed": 0}
-    out(f"running {len(todo)} run(s) with {workers} worker(s); logs: <run folder>/log_<spec>_run_<run>.txt")
-    counts = LocalPool(todo, workers, out).run()
+    if todo:
+        out(f"running {len(todo)} run(s) with {workers} worker(s); logs: <run folder>/log_<spec>_run_<run>.txt")
+    if wait and elsewhere:
+        out(f"waiting for {len(elsewhere)} run(s) running elsewhere to end (--no-wait leaves them)")
+    pool = LocalPool(todo, workers, out, elsewhere, wait)
+    counts = pool.run()
+    left = f", {len(pool.elsewhere)} still running elsewhere" if pool.elsewhere else ""
     out(f"finished: {counts['complete']} complete, {counts['failed']} failed, {counts['incomplete']} "
-        f"incomplete, {counts['diverged']} diverged")
+        f"incomplete, {counts['diverged']} diverged{left}")
     return counts
 
 
@@ -493,6 +639,142 @@ def analyse(settings, out=print):
         out(f"analysis: {err}")
         return False
     return True
+
+
+# ---------------------------------------------------------------- --status (reads the run folders, writes nothing)
+
+STATES = ("complete", "running", "incomplete", "diverged", "failed", "not started")
+LEFT_TO_RUN = ("running", "incomplete", "failed", "not started")
+
+
+def read_status_file(path):
+    """A run's status.json as a dict (see the run status file contract), or None."""
+    try:
+        with open(path) as handle:
+            status = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def status_from_recorder(settings):
+    """status.json's fields from the recorder of a run that has no status.json (older runs), or None.
+
+    The run folder's recorder is saved at every checkpoint: its mb_count_total is the newest checkpoint."""
+    path = record_path(settings)
+    if not os.path.isfile(path):
+        return None
+    try:
+        record = load_pickle(path)
+    except UserError:
+        record = None
+    if not isinstance(record, dict):
+        return {"state": "incomplete", "message": "unreadable recorder"}
+    if record.get("test_completed"):
+        state, message = "complete", ""
+    elif record.get("diverged"):
+        state, message = "diverged", f"diverged at mb {record.get('diverged_at_mb')}"
+    else:
+        state, message = "incomplete", ""
+    return {"state": state, "mb": record.get("mb_count_total"),
+            "n_minibatches": (record.get("settings") or {}).get("n_minibatches"),
+            "val_top1": (record.get("val_top1_hist") or [None])[-1], "test_top1": record.get("test_top1"),
+            "last_checkpoint_mb": record.get("mb_count_total"), "message": message}
+
+
+def on_which_machine(holder, host):
+    """'process 12 on node3' -> 'process 12 on node3 (this machine)' or '... (another machine)'."""
+    where = "this machine" if holder.rpartition(" on ")[2] == host else "another machine"
+    return f"{holder} ({where})"
+
+
+def number(value):
+    """value if it is a number (status files are read as they are), else None."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def run_status(settings, host):
+    """One row of --status: spec, run, state, mb, n, val, test, seconds, resume_mb, detail."""
+    status = read_status_file(status_path(settings)) or status_from_recorder(settings) or {}
+    holder = lock_holder(settings)
+    checkpoint_mb = number(status.get("last_checkpoint_mb"))
+    row = {"spec": settings["spec_name"], "run": settings["run"], "mb": number(status.get("mb")) or 0,
+           "n": number(status.get("n_minibatches")) or settings["n_minibatches"],
+           "val": number(status.get("val_top1")), "test": None, "seconds": number(status.get("train_seconds")),
+           "resume_mb": checkpoint_mb or 0, "detail": ""}
+    state, message = status.get("state"), str(status.get("message") or "")
+    checkpoint = "no checkpoint" if checkpoint_mb is None else f"last checkpoint mb {checkpoint_mb}"
+    writer = f"process {status.get('pid')} on {status.get('host')}"
+    if holder:
+        row.update(state="running", detail=on_which_machine(holder, host))
+    elif not status:
+        log = log_path(settings)
+        row.update(state="not started", detail=f"no status file; its log may say why: {log}"
+                   if os.path.isfile(log) else "")
+    elif state == "running" and holder is None:
+        row.update(state="running", detail=f"{writer}, says status.json (the lock is not readable here)")
+    elif state == "running":
+        row.update(state="incomplete", detail=f"{writer} ended without a word; {checkpoint}")
+    elif state == "complete":
+        row.update(state="complete", test=number(status.get("test_top1")))
+    elif state in ("diverged", "failed"):
+        row.update(state=state, detail=message or state)
+    else:
+        unknown = "" if state == "incomplete" else f"; unknown state {state!r} in status.json"
+        row.update(state="incomplete", detail=checkpoint + (f"; {message}" if message else "") + unknown)
+    return row
+
+
+def accuracy(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
+def status_table(rows):
+    """The rows as aligned text lines, one per run."""
+    header = ("spec", "run", "state", "minibatches", "val top-1", "test top-1", "details")
+    cells = [(r["spec"], str(r["run"]), r["state"], f"{r['mb']}/{r['n']}", accuracy(r["val"]), accuracy(r["test"]),
+              r["detail"]) for r in rows]
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header) - 1)]
+    return [("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1]).rstrip()
+            for line in [header, *cells]]
+
+
+def status_eta(rows, workers):
+    """The ETA line: the measured seconds per minibatch times each unfinished run's minibatches left; running
+    runs hold a worker until they end, the others take the first free worker (see finish_time)."""
+    left = [r for r in rows if r["state"] in LEFT_TO_RUN]
+    if not left:
+        return "nothing left to run"
+    timed = [r for r in rows if r["state"] == "complete" and r["seconds"] and r["mb"]]
+    source = f"{len(timed)} complete run(s)"
+    if not timed:
+        timed = [r for r in rows if r["seconds"] and r["mb"]]
+        source = f"{len(timed)} unfinished run(s) so far"
+    if not timed:
+        return "ETA unknown: no run has recorded its training time yet"
+    per_mb = sum(r["seconds"] for r in timed) / sum(r["mb"] for r in timed)
+    busy = [max(r["n"] - r["mb"], 0) for r in left if r["state"] == "running"]
+    waiting = [max(r["n"] - r["resume_mb"], 0) for r in left if r["state"] != "running"]
+    slots = max(workers, len(busy))
+    seconds = finish_time([mb * per_mb for mb in busy], [mb * per_mb for mb in waiting], slots)
+    more = f" (one per running run; --workers {workers})" if slots > workers else ""
+    return (f"ETA {clock(seconds)} with {slots} workers{more}: {per_mb * 1000:.1f} ms per minibatch measured on "
+            f"{source}, {sum(busy) + sum(waiting)} minibatches left, running runs keep their worker and the others "
+            "take the first free one")
+
+
+def print_status(runs, workers, out=print):
+    """The --status report: a row per run, counts per state, the ETA; returns 0."""
+    host = os.uname().nodename
+    rows = [run_status(settings, host) for settings in runs]
+    for line in status_table(rows):
+        out(line)
+    counts = {state: 0 for state in STATES}
+    for row in rows:
+        counts[row["state"]] += 1
+    out(f"{len(rows)} runs: " + ", ".join(f"{counts[state]} {state}" for state in STATES))
+    out(status_eta(rows, workers))
+    return 0
 
 
 # ---------------------------------------------------------------- cluster backends
@@ -624,6 +906,12 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true",
                    help="print the commands (local) or write the job script (slurm/sge); run nothing")
     p.add_argument("--no-analysis", action="store_true", help="do not analyse the experiment at the end")
+    p.add_argument("--no-wait", action="store_true",
+                   help="local backend: leave runs that another process is running (default: wait for them, "
+                        "resume those that end unfinished, then analyse)")
+    p.add_argument("--status", action="store_true",
+                   help="print the state of every run of the selection, counts and an ETA for --workers "
+                        "(reads the run folders, writes nothing)")
     p.error = lambda message: (_ for _ in ()).throw(UserError(message))
     args = p.parse_args(argv)
     check_args(args)
@@ -642,12 +930,16 @@ def check_args(args):
 
 def main(argv=None, out=print):
     args = parse_args(argv)
+    if args.status:
+        return print_status(plan(args), args.workers, out)
     check_submitter(args)
     runs = plan(args)
     for settings in runs:
         check_with_main(command(settings))
     if args.dry_run and args.backend == "local":
-        todo, _ = split_by_state(runs, lambda line: print(line, file=sys.stderr))
+        to_stderr = lambda line: print(line, file=sys.stderr)  # noqa: E731
+        todo, _ = split_by_state(runs, to_stderr)
+        todo, _ = split_running_elsewhere(todo, to_stderr)
         for settings in todo:
             out(shlex.join(command(settings)))
         return 0
@@ -659,17 +951,29 @@ def main(argv=None, out=print):
 
 
 def sweep(args, runs, out=print):
-    """Prepare the data, run or submit the unfinished runs, analyse; returns the exit status."""
+    """Prepare the data, run or submit the unfinished runs, analyse once every run has ended; returns the
+    exit status."""
     todo, _ = split_by_state(runs, out)
-    if todo and not args.dry_run:
-        for settings in {(s["path_relative"], s["task"], s["preprocessing"]): s for s in todo}.values():
+    todo, elsewhere = split_running_elsewhere(todo, out)
+    may_run_here = todo + [settings for settings, _ in elsewhere]
+    if may_run_here and not args.dry_run:
+        for settings in {(s["path_relative"], s["task"], s["preprocessing"]): s for s in may_run_here}.values():
             ensure_data(settings, SWEEPS[args.sweep]["synthetic_fallback"], out)
     if args.backend != "local":
+        if not todo and elsewhere:
+            out(f"nothing to submit: {len(elsewhere)} run(s) still running elsewhere; run this command again "
+                "once they have ended")
+            return 0
         if not todo:
             out("every run is complete")
             return 0 if args.no_analysis or args.dry_run or analyse(runs[0], out) else 1
         return run_cluster(args, runs, todo, out)
-    counts = run_local(todo, args.workers, out)
+    counts = run_local(todo, args.workers, out, elsewhere, wait=not args.no_wait)
+    still_running = [run_name(settings) for settings in runs if lock_holder(settings)]
+    if still_running:
+        out(f"analysis skipped: {len(still_running)} run(s) still running elsewhere ({', '.join(still_running)});"
+            " run this command again once they have ended")
+        return 1
     analysed = args.no_analysis or analyse(runs[0], out)
     return 0 if analysed and not (counts["failed"] or counts["incomplete"]) else 1
 

@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 
 import deepnet_network as net
-from deepnet_util import UserError, load_pickle, save_json, save_pickle, save_text
+from deepnet_util import RunLock, UserError, load_pickle, save_json, save_pickle, save_text
 
 tf = net.tf
 
@@ -547,49 +547,6 @@ def write_hparams_config(exp_dir, settings_by_spec):
 
 
 # ---------------------------------------------------------------- locking and signals
-
-class RunLock:
-    """An exclusive flock on the run folder: released by the OS when the process dies."""
-
-    def __init__(self, path):
-        self.path, self.handle = path, None
-
-    @staticmethod
-    def holder(path):
-        """Who holds the lock at path ('' if nobody)."""
-        if not os.path.exists(path):
-            return ""
-        with open(path, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                return handle.read().strip() or "another process"
-            fcntl.flock(handle, fcntl.LOCK_UN)
-        return ""
-
-    def acquire(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            other = self.handle.read().strip() or "another process"
-            self.handle.close()
-            raise UserError(f"{os.path.dirname(self.path)}: this run is already running ({other})") from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
-        self.handle.flush()
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.close()
-
 
 class StopRequest:
     """While active, SIGTERM / Ctrl-C only set a flag: the loop finishes its step, checkpoints, exits."""

@@ -1,5 +1,6 @@
-"""Small shared pieces: quiet TensorFlow import, user errors, safe pickles, atomic writes."""
+"""Small shared pieces: quiet TensorFlow import, user errors, the run lock, safe pickles, atomic writes."""
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -61,6 +62,51 @@ def import_tf():
             os.dup2(saved_fd, 2)
             os.close(saved_fd)
     return tf
+
+
+# ---------------------------------------------------------------- run lock
+
+class RunLock:
+    """An exclusive flock on the run folder: released by the OS when the process dies."""
+
+    def __init__(self, path):
+        self.path, self.handle = path, None
+
+    @staticmethod
+    def holder(path):
+        """Who holds the lock at path ('' if nobody)."""
+        if not os.path.exists(path):
+            return ""
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                return handle.read().strip() or "another process"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return ""
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            other = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise UserError(f"{os.path.dirname(self.path)}: this run is already running ({other})") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+        self.handle.flush()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
 
 
 # ---------------------------------------------------------------- restricted unpickling

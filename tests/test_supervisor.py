@@ -1,8 +1,10 @@
-"""deepnet_supervisor: commands, selections, overrides, job scripts, skip logic, a real local sweep.
+"""deepnet_supervisor: commands, selections, overrides, job scripts, skip logic, --status, runs running
+elsewhere, worker lifetime, a real local sweep.
 
 The real SLURM sweep is in tests_cluster/ (it needs the single-node SLURM that .ci/start_slurm.sh starts).
 """
 import glob
+import json
 import os
 import pickle
 import shlex
@@ -138,6 +140,9 @@ BAD_INPUT = [
     (["--sweep", "nope"], "--sweep nope: unknown sweep"),
     (["--backend", "pbs"], "--backend pbs"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--status", "--runs", "x"], "--runs x"),
+    (["--status", "--specs", "nope"], "--specs: unknown spec(s) nope"),
+    (["--status", "--workers", "two"], "--workers two"),
 ]
 
 
@@ -246,11 +251,18 @@ def test_job_array_scripts(tmp_path, capsys, monkeypatch, backend):
 
 # ---------------------------------------------------------------- local pool with stand-in runs
 
-FAKE_RUN = """import os, pickle, signal, sys, time
+FAKE_RUN = """import os, pickle, signal, subprocess, sys, time
 record_path, mode, marker = sys.argv[1:4]
 print("fake run", mode, flush=True)
 if mode == "fail":
     sys.exit(3)
+if mode == "locked":  # another process takes the lock just before this one: deepnet_main's exit 2
+    folder, here = os.path.dirname(record_path), os.path.dirname(marker)
+    holder = subprocess.Popen([sys.executable, os.path.join(here, "hold_lock.py"), os.path.join(folder, ".lock"),
+                               os.path.join(here, "release_locked"), record_path, "complete"], stdout=subprocess.PIPE)
+    holder.stdout.readline()
+    print(f"error: {folder}: this run is already running (process {holder.pid} on {os.uname().nodename})")
+    sys.exit(2)
 if mode == "sleep":
     def stop(signum, frame):
         open(marker, "w").write("checkpointed")
@@ -322,6 +334,350 @@ def test_interrupt_stops_the_children_with_sigterm(tmp_path, monkeypatch):
         assert (tmp_path / f"stopped_a_{run}").read_text() == "checkpointed"
     assert not os.path.exists(sv.log_path(runs[2]))                   # never started
     assert any(line.startswith("interrupted: stopping 2 running run(s)") for line in lines)
+
+
+# ---------------------------------------------------------------- runs another process holds
+
+HOLD_LOCK = """import os, pickle, sys, time
+sys.path.insert(0, REPO_DIR)
+from deepnet_util import RunLock
+lock, release, record, final = sys.argv[1:5]
+with RunLock(lock):
+    print("locked", flush=True)
+    deadline = time.time() + 120
+    while not os.path.exists(release) and time.time() < deadline:
+        time.sleep(0.05)
+    if final == "complete":
+        with open(record, "wb") as handle:
+            pickle.dump({"test_completed": True, "diverged": False}, handle)
+"""
+
+
+@pytest.fixture
+def hold_lock(tmp_path):
+    """hold_lock(settings, final) -> (process holding the run's lock, release file); on release it writes a
+    complete recorder (final 'complete') or nothing, then ends. Every holder is released at teardown."""
+    script = tmp_path / "hold_lock.py"
+    script.write_text(HOLD_LOCK.replace("REPO_DIR", repr(REPO)))
+    started = []
+
+    def start(settings, final="none"):
+        os.makedirs(sv.run_dir(settings), exist_ok=True)
+        release = tmp_path / f"release_{len(started)}"
+        proc = subprocess.Popen([PY, str(script), sv.lock_path(settings), str(release), sv.record_path(settings),
+                                 final], stdout=subprocess.PIPE, text=True)
+        started.append((proc, release))
+        assert proc.stdout.readline() == "locked\n"
+        return proc, release
+
+    yield start
+    for proc, release in started + [(None, tmp_path / "release_locked")]:
+        release.touch()
+    for proc, _ in started:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def holder_text(proc):
+    return f"process {proc.pid} on {os.uname().nodename}"
+
+
+def sweep_args(**changes):
+    return sv.argparse.Namespace(**{"dry_run": False, "backend": "local", "no_wait": False, "no_analysis": False,
+                                    "workers": 2, "sweep": "demo", **changes})
+
+
+@pytest.fixture
+def no_data_no_analysis(monkeypatch):
+    """sweep() without data preparation; analyse() records whether some run was still held when called."""
+    calls = []
+    monkeypatch.setattr(sv, "ensure_data", lambda *args, **kwargs: None)
+    monkeypatch.setattr(sv, "ELSEWHERE_POLL_S", 0.1)
+
+    def analyse(settings, out=print):
+        calls.append(settings["experiment_name"])
+        return True
+    monkeypatch.setattr(sv, "analyse", analyse)
+    return calls
+
+
+@pytest.mark.parametrize("final", ["complete", "incomplete"])
+def test_run_held_elsewhere_is_waited_for_then_counted_or_resumed(tmp_path, monkeypatch, hold_lock,
+                                                                   no_data_no_analysis, final):
+    runs = fake_runs(tmp_path, monkeypatch, {("a", 1): "ok", ("a", 2): "ok"})
+    holder, release = hold_lock(runs[0], final)
+    lines = []
+
+    def out(line):
+        lines.append(line)
+        if "a run 2: complete" in line:          # the free run has finished: let the held one end
+            release.touch()
+
+    assert sv.sweep(sweep_args(), runs, out) == 0
+    assert f"a run 1: running elsewhere ({holder_text(holder)})" in lines
+    assert "waiting for 1 run(s) running elsewhere to end (--no-wait leaves them)" in lines
+    progress = [line for line in lines if line.startswith("[")]
+    assert len(progress) == 2 and not any("FAILED" in line for line in lines)
+    assert "(+ 1 running elsewhere)" in progress[0]
+    if final == "complete":
+        assert progress[1].startswith("[2/2] a run 1: complete (ran elsewhere) | failures 0")
+        assert not os.path.exists(sv.log_path(runs[0]))              # never launched here
+    else:
+        assert "a run 1: ended elsewhere unfinished; resuming it here" in lines
+        assert progress[1].startswith("[2/2] a run 1: complete in ")
+        assert "fake run ok" in open(sv.log_path(runs[0])).read()
+    assert holder.poll() is not None and no_data_no_analysis == ["exp"]   # analysed once, after both ended
+    assert lines[-1] == "finished: 2 complete, 0 failed, 0 incomplete, 0 diverged"
+
+
+def test_no_wait_leaves_runs_held_elsewhere_and_skips_the_analysis(tmp_path, monkeypatch, hold_lock,
+                                                                  no_data_no_analysis):
+    runs = fake_runs(tmp_path, monkeypatch, {("a", 1): "ok", ("a", 2): "ok"})
+    holder, _ = hold_lock(runs[0])
+    lines = []
+    assert sv.sweep(sweep_args(no_wait=True), runs, lines.append) == 1
+    assert f"a run 1: running elsewhere ({holder_text(holder)})" in lines
+    [progress] = [line for line in lines if line.startswith("[")]
+    assert progress.startswith("[1/2] a run 2: complete in ") and progress.endswith("(+ 1 running elsewhere)")
+    assert lines[-2] == "finished: 1 complete, 0 failed, 0 incomplete, 0 diverged, 1 still running elsewhere"
+    assert lines[-1] == ("analysis skipped: 1 run(s) still running elsewhere (a run 1); run this command again "
+                         "once they have ended")
+    assert no_data_no_analysis == [] and holder.poll() is None and not os.path.exists(sv.log_path(runs[0]))
+
+
+def test_a_run_that_loses_the_lock_race_is_not_a_failure(tmp_path, monkeypatch, hold_lock, no_data_no_analysis):
+    runs = fake_runs(tmp_path, monkeypatch, {("a", 1): "locked", ("a", 2): "ok"})
+    lines = []
+
+    def out(line):
+        lines.append(line)
+        if "a run 1: running elsewhere" in line:
+            (tmp_path / "release_locked").touch()
+
+    assert sv.sweep(sweep_args(), runs, out) == 0                      # (hold_lock wrote hold_lock.py)
+    assert "fake run locked" in open(sv.log_path(runs[0])).read()      # launched, then exit 2
+    assert any(line.startswith("a run 1: running elsewhere (process ") for line in lines)
+    assert not any("FAILED" in line for line in lines)
+    assert any(line.startswith("[2/2] a run 1: complete (ran elsewhere)") for line in lines)
+    assert no_data_no_analysis == ["exp"]
+
+
+def test_lock_race_is_read_from_the_exit_status_and_the_log(tmp_path):
+    settings = sv.run_settings(sv.SETTINGS, {}, {"path_relative": str(tmp_path)}, "exp", "a", 1)
+    os.makedirs(sv.run_dir(settings))
+    with open(sv.log_path(settings), "w") as handle:
+        handle.write(f"started\nerror: {sv.run_dir(settings)}: this run is already running (process 7 on n1)\n")
+    assert sv.locked_elsewhere(settings, 2) == "process 7 on n1"        # the lock is free again by now
+    assert sv.locked_elsewhere(settings, 1) == ""
+    with open(sv.log_path(settings), "a") as handle:
+        handle.write("error: something else\n")
+    assert sv.locked_elsewhere(settings, 2) == ""
+
+
+def test_dry_runs_leave_out_runs_held_elsewhere(tmp_path, capsys, hold_lock):
+    root = str(tmp_path / "root")
+    held = sv.run_settings(sv.SETTINGS, {}, {"path_relative": root}, "demo_smcn_cifar10", "relu", 1)
+    holder, _ = hold_lock(held)
+    assert sv.main(["--dry-run", "--sweep", "demo", "--set", f"path_relative={root}"]) == 0
+    captured = capsys.readouterr()
+    started = [shlex.split(line) for line in captured.out.splitlines()]
+    assert [(w[w.index("-spec_name") + 1], w[w.index("-run") + 1]) for w in started] == \
+        [("relu", "2"), ("ABU", "1"), ("ABU", "2")]
+    assert f"relu run 1: running elsewhere ({holder_text(holder)})" in captured.err
+    assert sv.main(["--backend", "slurm", "--dry-run", "--sweep", "demo", "--set", f"path_relative={root}"]) == 0
+    [tasks] = glob.glob(os.path.join(root, "3_output_cifar", "demo_smcn_cifar10", "0_jobs", "*_tasks.tsv"))
+    assert [line.split("\t")[:2] for line in open(tasks).read().splitlines()] == [["relu", "2"], ["ABU", "1"],
+                                                                                 ["ABU", "2"]]
+
+
+# ---------------------------------------------------------------- worker lifetime
+
+STAND_IN_SUPERVISOR = """import os, sys, time
+sys.path.insert(0, REPO_DIR)
+import deepnet_supervisor as sv
+child, marker, log = sys.argv[1:4]
+proc = sv.start_process([sys.executable, child, marker], open(log, "ab"), dict(os.environ))
+print(proc.pid, flush=True)
+time.sleep(120)
+"""
+LONG_CHILD = """import os, signal, sys, time
+marker = sys.argv[1]
+def stop(signum, frame):
+    open(marker, "w").write(signal.Signals(signum).name)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+open(marker + ".ready", "w").write("ready")
+time.sleep(120)
+"""
+
+
+def test_a_worker_gets_sigterm_when_its_supervisor_is_killed(tmp_path):
+    stand_in, child = tmp_path / "supervisor.py", tmp_path / "child.py"
+    stand_in.write_text(STAND_IN_SUPERVISOR.replace("REPO_DIR", repr(REPO)))
+    child.write_text(LONG_CHILD)
+    marker = tmp_path / "signal"
+    supervisor = subprocess.Popen([PY, str(stand_in), str(child), str(marker), str(tmp_path / "log")],
+                                  stdout=subprocess.PIPE, text=True)
+    child_pid = None
+    try:
+        child_pid = int(supervisor.stdout.readline())
+        deadline = time.time() + 30
+        while not os.path.exists(f"{marker}.ready") and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(f"{marker}.ready")
+        assert os.getsid(child_pid) == child_pid                          # its own session: no terminal Ctrl-C
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+        deadline = time.time() + 10
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.read_text() == "SIGTERM"
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+        supervisor.stdout.close()
+        if child_pid is not None:
+            try:
+                os.kill(child_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# ---------------------------------------------------------------- --status
+
+def write_status(settings, **fields):
+    os.makedirs(sv.run_dir(settings), exist_ok=True)
+    status = {"state": "running", "pid": 1, "host": "n1", "mb": 0, "n_minibatches": 1000, "val_top1": None,
+              "test_top1": None, "last_checkpoint_mb": None, "train_seconds": 0.0, "updated": 0.0, "message": "",
+              **fields}
+    with open(sv.status_path(settings), "w") as handle:
+        json.dump(status, handle)
+
+
+def tree(root):
+    """Every path under root with its size and modification time."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            info = os.stat(path)
+            found[path] = (info.st_size, info.st_mtime_ns)
+    return found
+
+
+def test_status_shows_every_state_counts_and_the_eta_and_writes_nothing(tmp_path, hold_lock):
+    root, host = str(tmp_path / "root"), os.uname().nodename
+    run = {(spec, n): sv.run_settings(sv.SETTINGS, {}, {"path_relative": root, "n_minibatches": 1000},
+                                      "exp", spec, n) for spec in ("relu", "ABU") for n in range(1, 5)}
+    write_status(run["relu", 1], state="complete", mb=1000, val_top1=0.81, test_top1=0.8, last_checkpoint_mb=1000,
+                 train_seconds=100.0)
+    holder, _ = hold_lock(run["relu", 2])
+    write_status(run["relu", 2], pid=holder.pid, host=host, mb=400, val_top1=0.5, last_checkpoint_mb=300,
+                 train_seconds=41.0)
+    write_status(run["relu", 3], state="incomplete", mb=650, val_top1=0.6, last_checkpoint_mb=600,
+                 train_seconds=70.0, message="walltime reached")
+    write_status(run["relu", 4], pid=999999, host="n9", mb=250, val_top1=0.4, last_checkpoint_mb=200)
+    open(sv.lock_path(run["relu", 4]), "w").write("process 999999 on n9\n")     # a lock nobody holds
+    write_status(run["ABU", 1], state="diverged", mb=123, message="diverged at mb 123")
+    write_status(run["ABU", 2], state="failed", mb=0, message="ValueError: boom")
+    write_record(root, "exp", "ABU", 4, test_completed=True, mb_count_total=1000, settings={"n_minibatches": 1000},
+                 val_top1_hist=[0.5, 0.7], test_top1=0.69, checkpoints=[500, 1000])   # older run: no status.json
+    before = tree(root)
+    result = run_supervisor(["--status", "--specs", "relu,ABU", "--runs", "1-4", "--experiment", "exp",
+                             "--workers", "2", "--set", f"path_relative={root}", "--set", "n_minibatches=1000"])
+    assert result.returncode == 0 and result.stderr == ""
+    assert tree(root) == before
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["spec", "run", "state", "minibatches", "val", "top-1", "test", "top-1", "details"]
+    rows = {tuple(line.split()[:2]): line for line in lines[1:9]}
+    expected = {
+        ("relu", "1"): "relu  1    complete     1000/1000    0.8100     0.8000",
+        ("relu", "2"): f"relu  2    running      400/1000     0.5000     -           {holder_text(holder)} (this machine)",
+        ("relu", "3"): "relu  3    incomplete   650/1000     0.6000     -           last checkpoint mb 600; walltime reached",
+        ("relu", "4"): "relu  4    incomplete   250/1000     0.4000     -           process 999999 on n9 ended without "
+                       "a word; last checkpoint mb 200",
+        ("ABU", "1"): "ABU   1    diverged     123/1000     -          -           diverged at mb 123",
+        ("ABU", "2"): "ABU   2    failed       0/1000       -          -           ValueError: boom",
+        ("ABU", "3"): "ABU   3    not started  0/1000       -          -",
+        ("ABU", "4"): "ABU   4    complete     1000/1000    0.7000     0.6900",
+    }
+    for key, line in expected.items():
+        assert rows[key] == line
+    assert lines[9] == "8 runs: 2 complete, 1 running, 2 incomplete, 1 diverged, 1 failed, 1 not started"
+    # 0.1 s/mb (relu 1); relu 2 keeps a worker for 60 s; the other worker takes relu 3 (40 s), relu 4 (80 s,
+    # ends at 120 s); ABU 2 (100 s) takes the worker free at 60 s -> 160 s; ABU 3 the one free at 120 s -> 220 s
+    assert lines[10] == ("ETA 0:03:40 with 2 workers: 100.0 ms per minibatch measured on 1 complete run(s), 3800 "
+                         "minibatches left, running runs keep their worker and the others take the first free one")
+    assert len(lines) == 11
+
+
+def test_status_rows_of_odd_and_older_runs(tmp_path):
+    run = {n: sv.run_settings(sv.SETTINGS, {}, {"path_relative": str(tmp_path), "n_minibatches": 1000}, "exp", "a", n)
+           for n in range(1, 5)}
+    write_status(run[1], state="paused", mb="12", message="odd")
+    write_record(str(tmp_path), "exp", "a", 2, mb_count_total=300, settings={"n_minibatches": 1000},
+                 val_top1_hist=[0.4], checkpoints=[0, 250])   # older run, no status.json; stopped at mb 300
+    os.makedirs(sv.run_dir(run[3]))
+    open(sv.log_path(run[3]), "w").write("error: the data are missing\n")      # launched, never got going
+    write_status(run[4], state="failed", message="")
+    rows = {n: sv.run_status(run[n], "n1") for n in run}
+    assert (rows[1]["state"], rows[1]["mb"]) == ("incomplete", 0)
+    assert rows[1]["detail"] == "no checkpoint; odd; unknown state 'paused' in status.json"
+    assert (rows[2]["state"], rows[2]["mb"], rows[2]["val"], rows[2]["resume_mb"]) == ("incomplete", 300, 0.4, 300)
+    assert rows[2]["detail"] == "last checkpoint mb 300"
+    assert rows[3]["state"] == "not started"
+    assert rows[3]["detail"] == f"no status file; its log may say why: {sv.log_path(run[3])}"
+    assert (rows[4]["state"], rows[4]["detail"]) == ("failed", "failed")
+
+
+def test_status_imports_nothing_heavy(tmp_path):
+    code = ("import sys, deepnet_supervisor as sv; "
+            f"sv.main(['--status', '--sweep', 'demo', '--set', 'path_relative={tmp_path}'], out=lambda line: None); "
+            "print(sorted(m for m in ('tensorflow', 'numpy', 'deepnet_network', 'deepnet_task_cifar') "
+            "if m in sys.modules))")
+    result = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[]\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_status_eta_without_timings_and_when_nothing_is_left():
+    row = {"spec": "a", "run": 1, "mb": 0, "n": 100, "val": None, "test": None, "seconds": None, "resume_mb": 0,
+           "detail": ""}
+    assert sv.status_eta([dict(row, state="not started")], 1) == \
+        "ETA unknown: no run has recorded its training time yet"
+    assert sv.status_eta([dict(row, state="complete"), dict(row, state="diverged")], 1) == "nothing left to run"
+    unfinished = dict(row, state="incomplete", mb=50, resume_mb=50, seconds=5.0)
+    assert sv.status_eta([unfinished], 1).startswith("ETA 0:00:05 with 1 workers: 100.0 ms per minibatch "
+                                                     "measured on 1 unfinished run(s) so far, 50 minibatches left")
+    running = [dict(unfinished, state="running", n=150, mb=50)] * 3
+    assert sv.status_eta(running, 1).startswith("ETA 0:00:10 with 3 workers (one per running run; --workers 1): ")
+    assert sv.on_which_machine("process 5 on n2", "n1") == "process 5 on n2 (another machine)"
+
+
+# ---------------------------------------------------------------- ETA with several workers
+
+def test_finish_time_models_the_worker_slots():
+    assert sv.finish_time([], [60, 60], 2) == 60                     # two runs starting together end together
+    assert sv.finish_time([115], [115], 2) == 115                    # the demo sweep's [2/4]: not 2 x 115
+    assert sv.finish_time([], [10, 10, 10], 2) == 20
+    assert sv.finish_time([5], [10, 10], 1) == 25
+    assert sv.finish_time([30, 5], [10], 2) == 30
+    assert sv.finish_time([30, 20, 5], [10], 1) == 30                # more running runs than workers
+    assert sv.finish_time([], [], 3) == 0
+
+
+def test_pool_eta_after_the_last_runs_start_together(tmp_path):
+    runs = [sv.run_settings(sv.SETTINGS, {}, {"path_relative": str(tmp_path)}, "exp", "a", n) for n in (1, 2, 3, 4)]
+    pool = sv.LocalPool(runs[3:], 2)
+    pool.durations = [115.0, 115.0]
+    pool.running = {object(): (runs[2], None, time.time())}           # run 3 has just started, run 4 waits
+    assert 114 <= pool._eta() <= 115
 
 
 # ---------------------------------------------------------------- data
