@@ -305,7 +305,10 @@ def lock_holder(settings):
 
 
 def run_state(settings):
-    """'complete', 'diverged' or 'todo', from the run's recorder."""
+    """'complete', 'diverged' or 'todo', from the run's status.json (older runs: its recorder)."""
+    status = read_status_file(status_path(settings))
+    if status is not None:
+        return status.get("state") if status.get("state") in ("complete", "diverged") else "todo"
     path = record_path(settings)
     if not os.path.isfile(path):
         return "todo"
@@ -498,6 +501,9 @@ def outcome(settings, returncode):
         return "diverged", "diverged"
     if returncode == 0:
         return "incomplete", "stopped before the end (walltime?); run the sweep again to resume"
+    if returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+        return "incomplete", (f"stopped by {signal.Signals(returncode - 128).name} after writing a checkpoint; "
+                              "run the sweep again to resume")
     return "failed", f"FAILED (exit status {returncode}), log: {log_path(settings)}"
 
 

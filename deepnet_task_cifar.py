@@ -8,7 +8,6 @@ folders models/ckpt_mb_<mb>/ that appear atomically (written under a temporary n
 Everything random is a pure function of (seed, epoch / step, layer): the data split, each epoch's order
 and the dropout masks. So a run resumed from any checkpoint continues exactly as it would have.
 """
-import fcntl
 import functools
 import glob
 import json
@@ -546,7 +545,7 @@ def write_hparams_config(exp_dir, settings_by_spec):
     return shown
 
 
-# ---------------------------------------------------------------- locking and signals
+# ---------------------------------------------------------------- signals
 
 class StopRequest:
     """While active, SIGTERM / Ctrl-C only set a flag: the loop finishes its step, checkpoints, exits."""
@@ -662,6 +661,9 @@ def _finished(s, paths, state, record, out):
         out(f"{tag}: diverged at minibatch {record['diverged_at_mb']} (see {paths['run_info']}); nothing to do")
         return 1
     finish_cleanup(paths, record)
+    status = RunStatus(paths["status"], s)
+    if status.previous.get("state") != "complete":  # the test finished, its status line did not
+        status.write(record, "complete", "complete")
     out(f"{tag}: already complete (test top-1 {record['test_top1']:.4f} at mb "
         f"{record['early_stopping_mb']}); nothing to do")
     return 0
@@ -919,17 +921,24 @@ def test_report(s, mb, result):
     return line
 
 
+def _read_json(path):
+    """The JSON object in path, or {} when it is missing or unreadable."""
+    try:
+        with open(path) as handle:
+            value = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 class RunStatus:
     """The run's small status.json, beside the recorder, for `deepnet_supervisor.py --status`."""
 
     def __init__(self, path, s):
         self.path, self.s, self.started = path, s, time.time()
-        self.last_checkpoint_mb = None
-        try:
-            with open(path) as handle:
-                self.seconds_before = float(json.load(handle).get("train_seconds", 0.0))
-        except (OSError, ValueError, AttributeError, TypeError):
-            self.seconds_before = 0.0
+        self.previous = _read_json(path)
+        self.seconds_before = float(self.previous.get("train_seconds") or 0.0)
+        self.last_checkpoint_mb = self.previous.get("last_checkpoint_mb")
 
     def write(self, record, state, message=""):
         record = record or {}
