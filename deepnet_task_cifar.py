@@ -123,8 +123,14 @@ def _image_array(images, path):
 
 
 def validation_size(n_images, fraction, minibatch_size):
-    """The multiple of the minibatch size nearest to fraction * n_images (at least one minibatch)."""
-    return max(1, int(round(fraction * n_images / minibatch_size))) * minibatch_size
+    """The original's split: round(fraction * n_images) moved to the nearest multiple of the minibatch
+    size (half a minibatch rounds down), but at least one minibatch (the original's could be empty)."""
+    n_val = int(np.round(n_images * fraction))
+    offset = n_val % minibatch_size
+    n_val -= offset
+    if offset > 0.5 * minibatch_size:
+        n_val += minibatch_size
+    return max(n_val, minibatch_size)
 
 
 def make_split(n_images, s):

@@ -210,7 +210,7 @@ def reference_run(work):
         sys.exit("reference run failed:\n" + "\n".join(line for _, line in proc.lines[-20:]))
     first = proc.first_line_time(f"| mb 0/{N_MINIBATCHES}")
     last = proc.first_line_time(f"| mb {N_MINIBATCHES}/{N_MINIBATCHES}")
-    tested = proc.first_line_time("test at mb")
+    tested = proc.first_line_time("test of the model of minibatch")
     record = load_pickle(record_path(folder))
     timing = dict(first_status=first - proc.started, training=last - first, test=tested - last,
                   total=time.time() - proc.started, n_checkpoints=len(record["checkpoints"]))

@@ -29,8 +29,8 @@ EXPECTED_ABU_S_RUN_5 = (
     "-blend_mode softmaxed -swish_beta_trainable True -optimizer Adam -minibatch_size 256 "
     "-dropout_keep_probs 0.6 0.7 0.8 -dropout_keep_probs_inference 1.0 -use_wd False -wd_lambda 0.01 -seed 7 "
     "-n_minibatches 1000 -lr 0.001 -lr_schedule_type constant -lr_decay 4e-05 -lr_lin_min 0.0004 "
-    "-lr_lin_steps 60000 -lr_step_ep 200 400 600 -lr_step_multi 0.1 0.1 0.1 -walltime 0 -val_every 20 "
-    "-create_checkpoints True -epochs_between_checkpoints 8 -safe_af_ws_n 10 -safe_all_ws_n 2 "
+    "-lr_lin_steps 60000 -lr_step_ep 200 250 300 -lr_step_multi 0.1 0.01 0.001 -walltime 0 -val_every 20 "
+    "-create_checkpoints True -epochs_between_checkpoints 3 -safe_af_ws_n 10 -safe_all_ws_n 2 "
     "-save_af_weights_at_test_mb True -save_all_weights_at_test_mb True -create_lc_on_the_fly True")
 
 
@@ -731,7 +731,7 @@ def test_real_local_sweep(tmp_path):
         assert record["test_completed"] and record["settings"]["network"] == "smcnLin"
         assert record["settings"]["n_minibatches"] == 24 and len(record["train_top1_hist"]) == 24
         log = open(os.path.join(exp, spec, f"run_{run}", f"log_{spec}_run_{run}.txt")).read()
-        assert log.count("deepnet_supervisor:") == 1 and f"{spec}/run {run}: test at mb" in log
+        assert log.count("deepnet_supervisor:") == 1 and f"{spec}/run {run}: test of the model of minibatch" in log
     assert load_record(root, "tiny", "ABU", 1)["settings"]["af_set"] == "5_blend5_swish"
     table = open(os.path.join(exp, "0_analysis", "main_performance_analysis.csv")).read().splitlines()
     assert [row.split(";")[:2] for row in table[1:]] == [["ABU", "1"], ["relu", "2"]]

@@ -28,6 +28,23 @@ def test_validation_size_is_nearest_multiple_of_minibatch(n, fraction, batch, ex
     assert task.validation_size(n, fraction, batch) == expected
 
 
+def original_validation_samples(n_total_samples, val_set_fraction, minibatch_size):
+    """The original's TrainingHandler.__split_training_validation arithmetic."""
+    n_validation_samples = np.round(n_total_samples*val_set_fraction)
+    offset = n_validation_samples % minibatch_size
+    n_validation_samples -= offset
+    if offset > 0.5*minibatch_size:
+        n_validation_samples += minibatch_size
+    return int(n_validation_samples)
+
+
+@pytest.mark.parametrize("n, fraction, batch", [
+    (50000, 0.05, 256), (50000, 0.1, 256), (50000, 0.05, 128), (50000, 0.0256, 256), (50000, 0.00768, 256),
+    (5000, 0.02, 40), (50000, 0.05, 200), (1000, 0.13, 20)])
+def test_validation_size_is_the_originals(n, fraction, batch):
+    assert task.validation_size(n, fraction, batch) == original_validation_samples(n, fraction, batch)
+
+
 def test_split_is_disjoint_complete_and_seeded(tiny_root):
     s = run_settings(tiny_root)
     train_idx, val_idx = task.make_split(320, s)

@@ -32,7 +32,7 @@ def test_real_slurm_sweep(tmp_path, monkeypatch):
     assert all(sv.run_state(s) == "complete" for s in settings)
     for s in settings:
         log = open(sv.log_path(s)).read()
-        assert "task " in log and "-walltime 10" in log and "test at mb" in log
+        assert "task " in log and "-walltime 10" in log and "test of the model of minibatch" in log
     lines = []
     assert sv.main(args, out=lines.append) == 0                    # all complete: analysis only
     assert "every run is complete" in lines
