@@ -1,30 +1,58 @@
-"""Analysis of one experiment: performance tables, significance tests, plots.
+"""Analysis of one experiment: the original's performance tables, significance tests, plots, one-page report.
 
-Reads only the recorders EXP/<spec>/run_<run>/record_<spec>_run_<run>.pkl (and, for the activation
-shapes, the AF-weight files in EXP/0_af_weights/) and writes everything into EXP/0_analysis/.
+Reads only the recorders EXP/<spec>/run_<run>/record_<spec>_run_<run>.pkl (for the activation shapes of old
+recorders also the AF-weight files in EXP/0_af_weights/) and writes everything into EXP/0_analysis/; the last
+line printed is the path of 0_analysis/report.html, the page to open.
 
-A run is analysed when its recorder reads, test_completed is True and diverged is False; every other
-run is named in the output and in 0_analysis/excluded_runs.csv with the reason. Per analysed run:
+Which runs are analysed. A run is left out, and listed with the reason in 0_analysis/excluded_runs.csv
+(columns spec_name; run; category; reason; recorder), when
+    no_recorder / unreadable   its recorder is missing or cannot be read
+    diverged                   diverged is True
+    incomplete                 test_completed is not True (or it has no early_stopping_mb / test_top1)
+    bad_test_acc               its test accuracy lies in (0, 0.3): the original's "bad run" rule
+As in the original, a run whose mean validation accuracy (mean of val_top1_hist over the whole run) is above
+0.95 or below 0.3 only gets a printed warning: the original prints "excluded" but keeps the run, so it is kept.
+An experiment without any complete run is a UserError; one whose complete runs are all bad is analysed (empty
+table, every run listed with its reason in excluded_runs.csv and the report).
 
-    test acc   test_top1 of the tested model (the model at early_stopping_mb)
-    val acc    val_top1 (raw, not smoothed) at early_stopping_mb; if early_stopping_mb is not a
-               validation minibatch, the last validation before it
-    train acc  mean of train_top1 over the last val_every training minibatches up to and including
-               early_stopping_mb, i.e. minibatches es-val_every+1 .. es (val_every from the settings,
-               else the spacing of val_mb_n_hist); NaN when early_stopping_mb is 0
+main_performance_analysis.csv, ';'-separated, one row per spec with an analysed run; the original's columns first:
+    spec_name; n_runs                              n_runs = analysed runs
+    test / e.s. mb [mean]; [std]                   over the runs' test_mb_n_hist entries (the tested minibatch)
+    train acc [median; mean; var; std; max; min]   over the runs of EACH RUN'S MAXIMUM of train_top1_hist (per
+                                                   training minibatch) over the whole run
+    val acc   [...]                                the same with val_top1_hist (repeated validation minibatches
+                                                   dropped first, keeping the first, as the original did)
+    test acc  [...]                                over the runs' test_top1 (the model at early_stopping_mb)
+then the suite's extra columns (values at the tested minibatch, not in the original):
+    train acc at e.s. mb [median; ...; min]   per run: mean of train_top1 over the training minibatches
+                                              es-val_every+1 .. es (val_every from the settings, else the
+                                              spacing of val_mb_n_hist); NaN when es is 0
+    val acc at e.s. mb [median; ...; min]     per run: raw val_top1 at es (or the last validation before it)
+Every var/std in this file is the population statistic (ddof 0, numpy's default, as in the original), so a
+single run has std 0. NaN is written 'nan'. Accuracies are fractions in [0, 1].
 
-Across the runs of a spec (main_performance_analysis.csv): median, mean, var, std, max, min; var and
-std are sample statistics (ddof=1), so with a single run they are NaN, written 'nan' like every
-NaN in these CSV files. Accuracies are fractions in [0, 1].
+performance_summary_<spec>.pkl: the original's dictionary (same keys: spec_name, n_runs, t_/v_loss_run_min_list and
+t_/v_top1_run_max_list with their _median/_max/_min/_mean/_var/_std, the curves over runs on t_mb / v_mb:
+t_/v_loss_{median,himin,lomin,mean,std,var}_run and t_/v_top1_{median,himax,lomax,mean,std,var}_run,
+test_top1_*, test_loss_* (list and statistics), test_mb_n_hist/_min/_max/_mean/_median/_std),
+plus the suite's keys: runs, early_stopping_mb, train_acc / val_acc / test_acc (values at the tested minibatch)
+with *_acc_stats, val_curve (mean/min/max of val_top1 per minibatch), excluded, warnings, significance,
+definitions. As in the original, *_median_run is the run whose MINIMUM is the median of the runs' minima (also
+for accuracies); runs of different length are put on the union of their minibatches with NaN where a run has
+no value (the original needed equal lengths), and the curves over runs ignore those NaN.
 
-Significance (significance.csv), each spec's test acc against the reference spec's:
-    welch_p          two-sided Welch t-test (scipy.stats.ttest_ind, equal_var=False)
-    mannwhitney_p    two-sided Mann-Whitney U test (scipy.stats.mannwhitneyu, method 'auto')
-    *_holm           Holm-Bonferroni step-down adjustment over all specs with a p value
-    hedges_g         J * (mean_spec - mean_ref) / s_pooled, s_pooled^2 = ((n1-1) s1^2 + (n2-1) s2^2)
-                     / (n1 + n2 - 2) with sample variances, J = 1 - 3 / (4 (n1 + n2) - 9)
-A spec (or a reference) with fewer than 2 runs gets NaN p values and NaN g; NaN p values do not
-count towards the Holm correction.
+significance.csv, each spec's test acc against the reference spec's (sample statistics, ddof 1):
+    mean_diff                        mean(spec) - mean(reference)
+    mean_diff_ci_low / _high         95 % Welch-Satterthwaite t interval of mean_diff:
+                                     mean_diff -+ t_{0.975, df} * se, se^2 = s1^2/n1 + s2^2/n2,
+                                     df = se^4 / ((s1^2/n1)^2/(n1-1) + (s2^2/n2)^2/(n2-1))
+    welch_p                          two-sided Welch t-test (scipy.stats.ttest_ind, equal_var=False)
+    mannwhitney_p                    two-sided Mann-Whitney U test (scipy.stats.mannwhitneyu, method 'auto')
+    *_holm                           Holm-Bonferroni step-down adjustment over all specs with a p value
+    hedges_g                         J * (mean_spec - mean_ref) / s_pooled, s_pooled^2 = ((n1-1) s1^2 + (n2-1)
+                                     s2^2) / (n1 + n2 - 2), J = 1 - 3 / (4 (n1 + n2) - 9)
+A spec (or a reference) with fewer than 2 runs gets NaN p values, interval and g (so does a pair of specs whose
+runs all have the same test accuracy); NaN p values do not count towards the Holm correction.
 """
 import io
 import math
@@ -40,13 +68,18 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 import deepnet_network as net  # noqa: E402
+import deepnet_report  # noqa: E402
 from deepnet_util import UserError, atomic_write_bytes, load_pickle, save_pickle, save_text  # noqa: E402
 
-ACC_KINDS = ("train", "val", "test")
 STAT_NAMES = ("median", "mean", "var", "std", "max", "min")
-SIGNIFICANCE_COLUMNS = ("spec_name", "reference", "n", "n_reference", "mean_diff", "welch_p",
-                        "mannwhitney_p", "welch_p_holm", "mannwhitney_p_holm", "hedges_g")
-EXCLUDED_COLUMNS = ("spec_name", "run", "reason", "recorder")
+AT_ES_KINDS = ("train", "val")
+SIGNIFICANCE_COLUMNS = ("spec_name", "reference", "n", "n_reference", "mean_diff", "mean_diff_ci_low",
+                        "mean_diff_ci_high", "welch_p", "mannwhitney_p", "welch_p_holm", "mannwhitney_p_holm",
+                        "hedges_g")
+EXCLUDED_COLUMNS = ("spec_name", "run", "category", "reason", "recorder")
+BAD_TEST_ACC = (0.0, 0.3)          # the original's bad-run rule: test acc in this open interval -> excluded
+VAL_MEAN_WARNING = (0.3, 0.95)     # the original's warning: mean val acc of the run outside this interval
+CONFIDENCE = 0.95
 AF_X = np.linspace(-3.0, 3.0, 241)
 
 
@@ -72,26 +105,32 @@ def recorder_path(exp_dir, spec, run):
     return os.path.join(exp_dir, spec, f"run_{run}", f"record_{spec}_run_{run}.pkl")
 
 
-def load_run(exp_dir, spec, run):
-    """(recorder, None) for an analysable run, else (None, reason)."""
+def check_run(exp_dir, spec, run):
+    """(recorder, None, None) for a complete run, else (None, category, reason)."""
     path = recorder_path(exp_dir, spec, run)
     if not os.path.exists(path):
-        return None, "no recorder file"
+        return None, "no_recorder", "no recorder file"
     try:
         record = load_pickle(path)
     except UserError as err:
-        return None, f"unreadable recorder ({err})"
+        return None, "unreadable", f"unreadable recorder ({err})"
     if not isinstance(record, dict):
-        return None, "unreadable recorder (not a dict)"
+        return None, "unreadable", "unreadable recorder (not a dict)"
     if record.get("diverged"):
-        return None, f"diverged at minibatch {record.get('diverged_at_mb')}"
+        return None, "diverged", f"diverged at minibatch {record.get('diverged_at_mb')}"
     if not record.get("test_completed"):
         trained = record.get("mb_count_total")
         total = (record.get("settings") or {}).get("n_minibatches")
-        return None, f"incomplete: test not done (trained {trained} of {total} minibatches)"
+        return None, "incomplete", f"incomplete: test not done (trained {trained} of {total} minibatches)"
     if tested_mb(record) is None or record.get("test_top1") is None:
-        return None, "recorder has no early_stopping_mb or test_top1"
-    return record, None
+        return None, "incomplete", "recorder has no early_stopping_mb or test_top1"
+    return record, None, None
+
+
+def load_run(exp_dir, spec, run):
+    """(recorder, None) for a complete run, else (None, reason)."""
+    record, _, reason = check_run(exp_dir, spec, run)
+    return record, reason
 
 
 def tested_mb(record):
@@ -102,7 +141,55 @@ def tested_mb(record):
     return int(history[-1]) if history else None
 
 
-# ---------------------------------------------------------------- per-run numbers
+def bad_test_reason(record):
+    """The original's bad-run rule (test acc in (0, 0.3)): the reason, or None for a good run."""
+    acc = float(record["test_top1"])
+    if BAD_TEST_ACC[0] < acc < BAD_TEST_ACC[1]:
+        return f"bad run: test accuracy {acc:.6g} lies in ({BAD_TEST_ACC[0]:g}, {BAD_TEST_ACC[1]:g})"
+    return None
+
+
+def val_mean_warning(spec, run, record):
+    """The original's warning for a mean validation accuracy outside [0.3, 0.95] (the run is kept), or None."""
+    values = record.get("val_top1_hist") or []
+    if not record.get("val_mb_n_hist") or not values:
+        return None
+    mean = float(np.mean(values))
+    if VAL_MEAN_WARNING[0] <= mean <= VAL_MEAN_WARNING[1]:
+        return None
+    side = f"below {VAL_MEAN_WARNING[0]:g}" if mean < VAL_MEAN_WARNING[0] else f"above {VAL_MEAN_WARNING[1]:g}"
+    return (f"warning: {spec} run {run}: mean validation accuracy over the whole run is {mean:.6g}, {side} "
+            "(kept: the original only warns)")
+
+
+def load_spec(exp_dir, spec, out):
+    """(runs, records, excluded rows, warnings) of a spec; exclusions and warnings are also sent to out."""
+    runs, records, excluded, notes = [], [], [], []
+
+    def exclude(run, category, reason):
+        out(f"excluded: {spec} run {run}: {reason}")
+        excluded.append({"spec_name": spec, "run": run, "category": category, "reason": reason,
+                         "recorder": recorder_path(exp_dir, spec, run)})
+
+    for run in run_numbers(exp_dir, spec):
+        record, category, reason = check_run(exp_dir, spec, run)
+        if record is None:
+            exclude(run, category, reason)
+            continue
+        warning = val_mean_warning(spec, run, record)
+        if warning:
+            out(warning)
+            notes.append(warning)
+        reason = bad_test_reason(record)
+        if reason:
+            exclude(run, "bad_test_acc", reason)
+            continue
+        runs.append(run)
+        records.append(record)
+    return runs, records, excluded, notes
+
+
+# ---------------------------------------------------------------- per-run numbers at the tested minibatch
 
 def val_every(record):
     """settings['val_every'], else the spacing of val_mb_n_hist (None if unknown)."""
@@ -140,13 +227,88 @@ def run_metrics(record):
 # ---------------------------------------------------------------- statistics
 
 def describe(values):
-    """median, mean, var, std, max, min of values (var/std with ddof=1; NaN for one value)."""
+    """median, mean, var, std, max, min of values (var/std with ddof 0, numpy's default)."""
     a = np.asarray(values, dtype=np.float64)
-    spread = len(a) > 1
-    return {"median": float(np.median(a)), "mean": float(np.mean(a)),
-            "var": float(np.var(a, ddof=1)) if spread else math.nan,
-            "std": float(np.std(a, ddof=1)) if spread else math.nan,
-            "max": float(np.max(a)), "min": float(np.min(a))}
+    return {"median": float(np.median(a)), "mean": float(np.mean(a)), "var": float(np.var(a)),
+            "std": float(np.std(a)), "max": float(np.max(a)), "min": float(np.min(a))}
+
+
+def without_repeated_validations(mbs, *series):
+    """The original's __remove_double_logs: of repeated validation minibatches keep the first entry."""
+    seen, keep = set(), []
+    for i, mb in enumerate(mbs):
+        if mb not in seen:
+            seen.add(mb)
+            keep.append(i)
+    return [mbs[i] for i in keep], *[[values[i] for i in keep] for values in series]
+
+
+def over_runs(series):
+    """The original's __get_statistics for [(minibatches, values)] per run: curves over runs and per-run max/min.
+
+    Runs are put on the union of their minibatches (NaN where a run has no value); with runs of equal length
+    this is the original's runs x values array.
+    """
+    grid, matrix = on_common_grid(series)
+    if matrix.size == 0:
+        nan_run, nan_list = np.full(len(grid), math.nan), [math.nan] * len(series)
+        return {"mb": grid, **{f"{name}_run": nan_run for name in
+                               ("median", "himax", "lomax", "himin", "lomin", "mean", "std", "var")},
+                "run_max_list": nan_list, "run_min_list": list(nan_list)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run_max, run_min = np.nanmax(matrix, 1), np.nanmin(matrix, 1)
+        mean, std, var = np.nanmean(matrix, 0), np.nanstd(matrix, 0), np.nanvar(matrix, 0)
+    median_index = np.argsort(run_min)[len(run_min) // 2]
+    return {"mb": grid, "median_run": matrix[median_index], "himax_run": matrix[np.argmax(run_max)],
+            "lomax_run": matrix[np.argmin(run_max)], "himin_run": matrix[np.argmax(run_min)],
+            "lomin_run": matrix[np.argmin(run_min)], "mean_run": mean, "std_run": std, "var_run": var,
+            "run_max_list": [float(v) for v in run_max], "run_min_list": [float(v) for v in run_min]}
+
+
+def list_statistics(prefix, values):
+    """{prefix_list, prefix_median, _max, _min, _mean, _var, _std} as the original computes them (numpy)."""
+    return {f"{prefix}_list": list(values), f"{prefix}_median": np.median(values), f"{prefix}_max": np.max(values),
+            f"{prefix}_min": np.min(values), f"{prefix}_mean": np.mean(values), f"{prefix}_var": np.var(values),
+            f"{prefix}_std": np.std(values)}
+
+
+def curve_keys(prefix, curves, names):
+    return {f"{prefix}_{name}_run": curves[f"{name}_run"] for name in names}
+
+
+def original_summary(spec, records):
+    """The original __spec_analysis's performance dictionary for the analysed runs of a spec."""
+    train, val = [], []
+    for record in records:
+        train.append((record.get("train_mb_n_hist") or [], record.get("train_top1_hist") or [],
+                      record.get("train_loss_hist") or []))
+        val.append(without_repeated_validations(record.get("val_mb_n_hist") or [],
+                                                record.get("val_top1_hist") or [],
+                                                record.get("val_loss_hist") or []))
+    t_top1 = over_runs([(mbs, top1) for mbs, top1, _ in train])
+    t_loss = over_runs([(mbs, loss) for mbs, _, loss in train])
+    v_top1 = over_runs([(mbs, top1) for mbs, top1, _ in val])
+    v_loss = over_runs([(mbs, loss) for mbs, _, loss in val])
+    test_mbs = [list(r.get("test_mb_n_hist") or [tested_mb(r)]) for r in records]
+    flat_mbs = np.concatenate([np.asarray(mbs, np.float64) for mbs in test_mbs])
+    loss_names = ("median", "himin", "lomin", "mean", "std", "var")
+    top1_names = ("median", "himax", "lomax", "mean", "std", "var")
+    test_loss = [math.nan if r.get("test_loss") is None else float(r["test_loss"]) for r in records]
+    return {
+        "spec_name": spec, "n_runs": len(records),
+        "t_mb": t_top1["mb"],
+        **list_statistics("t_loss_run_min", t_loss["run_min_list"]), **curve_keys("t_loss", t_loss, loss_names),
+        **list_statistics("t_top1_run_max", t_top1["run_max_list"]), **curve_keys("t_top1", t_top1, top1_names),
+        "v_mb": v_top1["mb"],
+        **list_statistics("v_loss_run_min", v_loss["run_min_list"]), **curve_keys("v_loss", v_loss, loss_names),
+        **list_statistics("v_top1_run_max", v_top1["run_max_list"]), **curve_keys("v_top1", v_top1, top1_names),
+        **list_statistics("test_loss", test_loss),
+        **list_statistics("test_top1", [float(r["test_top1"]) for r in records]),
+        "test_mb_n_hist": test_mbs, "test_mb_n_min": np.amin(flat_mbs), "test_mb_n_max": np.amax(flat_mbs),
+        "test_mb_n_mean": np.mean(flat_mbs), "test_mb_n_median": np.median(flat_mbs),
+        "test_mb_n_std": np.std(flat_mbs),
+    }
 
 
 def holm(pvalues):
@@ -177,16 +339,32 @@ def hedges_g(a, b):
     return (1 - 3 / (4 * (n1 + n2) - 9)) * (np.mean(a) - np.mean(b)) / pooled
 
 
+def welch_interval(a, b, confidence=CONFIDENCE):
+    """Welch-Satterthwaite t interval of mean(a) - mean(b); NaNs for n < 2 or no spread at all."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n1, n2 = len(a), len(b)
+    if n1 < 2 or n2 < 2:
+        return math.nan, math.nan
+    v1, v2 = np.var(a, ddof=1) / n1, np.var(b, ddof=1) / n2
+    if v1 + v2 == 0:
+        return math.nan, math.nan
+    df = (v1 + v2) ** 2 / (v1 ** 2 / (n1 - 1) + v2 ** 2 / (n2 - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(v1 + v2)
+    diff = float(np.mean(a) - np.mean(b))
+    return diff - half, diff + half
+
+
 def compare(a, b):
-    """Welch and Mann-Whitney two-sided p values and Hedges' g of a against b (NaN for n < 2)."""
+    """Mean difference with its Welch interval, Welch and Mann-Whitney p values, Hedges' g of a against b."""
     welch_p = mannwhitney_p = math.nan
     if len(a) >= 2 and len(b) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             welch_p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
         mannwhitney_p = float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
-    return {"mean_diff": float(np.mean(a) - np.mean(b)), "welch_p": welch_p,
-            "mannwhitney_p": mannwhitney_p, "hedges_g": hedges_g(a, b)}
+    low, high = welch_interval(a, b)
+    return {"mean_diff": float(np.mean(a) - np.mean(b)), "mean_diff_ci_low": low, "mean_diff_ci_high": high,
+            "welch_p": welch_p, "mannwhitney_p": mannwhitney_p, "hedges_g": hedges_g(a, b)}
 
 
 def significance_rows(test_accs, reference):
@@ -223,19 +401,26 @@ def write_csv(path, columns, rows):
 
 
 def performance_columns():
-    columns = ["spec_name", "n_runs", "es mb [mean]", "es mb [std]"]
-    for kind in ACC_KINDS:
+    """The original's columns in its order, then the suite's values at the early-stopping minibatch."""
+    columns = ["spec_name", "n_runs", "test / e.s. mb [mean]", "test / e.s. mb [std]"]
+    for kind in ("train", "val", "test"):
         columns += [f"{kind} acc [{name}]" for name in STAT_NAMES]
+    for kind in AT_ES_KINDS:
+        columns += [f"{kind} acc at e.s. mb [{name}]" for name in STAT_NAMES]
     return columns
 
 
-def performance_row(spec, metrics):
-    es = np.asarray([m["early_stopping_mb"] for m in metrics], np.float64)
-    row = {"spec_name": spec, "n_runs": len(metrics), "es mb [mean]": float(np.mean(es)),
-           "es mb [std]": float(np.std(es, ddof=1)) if len(es) > 1 else math.nan}
-    for kind in ACC_KINDS:
+def performance_row(summary, metrics):
+    """One main_performance_analysis.csv row from the original summary and the per-run metrics at es."""
+    row = {"spec_name": summary["spec_name"], "n_runs": summary["n_runs"],
+           "test / e.s. mb [mean]": float(summary["test_mb_n_mean"]),
+           "test / e.s. mb [std]": float(summary["test_mb_n_std"])}
+    for kind, prefix in (("train", "t_top1_run_max"), ("val", "v_top1_run_max"), ("test", "test_top1")):
+        for name in STAT_NAMES:
+            row[f"{kind} acc [{name}]"] = float(summary[f"{prefix}_{name}"])
+    for kind in AT_ES_KINDS:
         for name, value in describe([m[f"{kind}_acc"] for m in metrics]).items():
-            row[f"{kind} acc [{name}]"] = value
+            row[f"{kind} acc at e.s. mb [{name}]"] = value
     return row
 
 
@@ -326,7 +511,10 @@ def layer_order(record, names):
 
 
 def tested_af_weights(exp_dir, spec, run, record):
-    """layer -> AF weights of the tested model: its AF-weights file, else the recorder's history."""
+    """layer -> AF weights of the tested model: recorder['test_af_weights'], else (old recorders) the
+    suite's old AF-weights file of the tested minibatch, else the recorder's history at that minibatch."""
+    if record.get("test_af_weights"):
+        return record["test_af_weights"]
     mb = tested_mb(record)
     path = net.af_weights_path(exp_dir, spec, run, mb)
     if os.path.exists(path):
@@ -361,16 +549,22 @@ def af_curves(records, weights, layers):
 
 
 def plot_af_shapes(spec, curves, n_runs, path):
+    return save_figure(af_shapes_figure(spec, curves, n_runs), path)
+
+
+def af_shapes_figure(spec, curves, n_runs):
+    """Per layer: the learned functions (mean, min..max band over runs) with the plain ReLU dashed."""
     fig, axes = new_figure(len(curves), width=4, height=3.4)
     for ax, (layer, matrix) in zip(axes, curves.items()):
         ax.fill_between(AF_X, matrix.min(0), matrix.max(0), alpha=0.3, label="min..max over runs")
         ax.plot(AF_X, matrix.mean(0), lw=1.5, label="mean")
+        ax.plot(AF_X, np.maximum(AF_X, 0.0), "--", color="black", lw=1.0, label="ReLU")
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set(title=layer, xlabel="x", ylabel="f(x)")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{spec}: activation functions at the tested minibatch ({n_runs} runs)")
-    return save_figure(fig, path)
+    return fig
 
 
 def blend_series(records, layer, index, key):
@@ -456,21 +650,6 @@ def plot_preact_stats(spec, records, layers, path):
 
 # ---------------------------------------------------------------- one spec
 
-def load_spec(exp_dir, spec, out):
-    """(runs, records, excluded rows) of a spec; excluded runs are reported through out."""
-    runs, records, excluded = [], [], []
-    for run in run_numbers(exp_dir, spec):
-        record, reason = load_run(exp_dir, spec, run)
-        if record is None:
-            out(f"excluded: {spec} run {run}: {reason}")
-            excluded.append({"spec_name": spec, "run": run, "reason": reason,
-                             "recorder": recorder_path(exp_dir, spec, run)})
-        else:
-            runs.append(run)
-            records.append(record)
-    return runs, records, excluded
-
-
 def history_layers(records, key):
     """Layers named in the history `key` of any record."""
     names = []
@@ -481,47 +660,53 @@ def history_layers(records, key):
 
 
 def spec_plots(exp_dir, spec, runs, records, analysis_dir, curve, out):
-    """All per-spec plots; a plot whose inputs no run saved is skipped with one line."""
+    """All per-spec plots: {kind: (path, None) or (None, why it was skipped)}; a skip is also sent to out."""
     png = lambda kind: os.path.join(analysis_dir, f"{kind}_{spec}.png")  # noqa: E731
-    plot_spec_performance(spec, curve, len(runs), png("performance_analysis"))
-    plot_all_runs(spec, runs, records, png("all_runs"))
-    af_shapes_plot(exp_dir, spec, runs, records, analysis_dir, out)
+    plots = {"performance_analysis": (plot_spec_performance(spec, curve, len(runs), png("performance_analysis")),
+                                      None),
+             "all_runs": (plot_all_runs(spec, runs, records, png("all_runs")), None),
+             "af_shapes": af_shapes_plot(exp_dir, spec, runs, records, analysis_dir, out)}
     af_set = (records[0].get("settings") or {}).get("af_set")
     layers = history_layers(records, "val_af_weights_hist")
     if layers and af_set:
-        plot_blend_weights(spec, records, layers, af_set, png("blend_weights"))
+        plots["blend_weights"] = (plot_blend_weights(spec, records, layers, af_set, png("blend_weights")), None)
     else:
-        out(f"skipped blend_weights_{spec}.png: no run recorded val_af_weights_hist (and af_set)")
+        plots["blend_weights"] = (None, "no run recorded val_af_weights_hist (and af_set)")
+        out(f"skipped blend_weights_{spec}.png: {plots['blend_weights'][1]}")
     layers = history_layers(records, "val_preact_stats_hist")
     if layers:
-        plot_preact_stats(spec, records, layers, png("preactivation_stats"))
+        plots["preactivation_stats"] = (plot_preact_stats(spec, records, layers, png("preactivation_stats")), None)
     else:
-        out(f"skipped preactivation_stats_{spec}.png: no run recorded val_preact_stats_hist")
+        plots["preactivation_stats"] = (None, "no run recorded val_preact_stats_hist")
+        out(f"skipped preactivation_stats_{spec}.png: {plots['preactivation_stats'][1]}")
+    return plots
 
 
 def af_shapes_plot(exp_dir, spec, runs, records, analysis_dir, out):
+    """(path, None), or (None, why) when no run has AF weights of its tested model."""
     name = f"af_shapes_{spec}.png"
     found = [(run, record, tested_af_weights(exp_dir, spec, run, record)) for run, record in zip(runs, records)]
     missing = [str(run) for run, _, weights in found if weights is None]
     found = [(record, weights) for _, record, weights in found if weights is not None]
     if not found:
-        out(f"skipped {name}: no run saved its AF weights at the tested minibatch")
-        return None
+        why = "no run saved its AF weights at the tested minibatch"
+        out(f"skipped {name}: {why}")
+        return None, why
     if missing:
         out(f"{name}: runs {', '.join(missing)} saved no AF weights at the tested minibatch, left out")
     records_found, weights = [r for r, _ in found], [w for _, w in found]
     layers = layer_order(records_found[0], list(dict.fromkeys(name for w in weights for name in w)))
     curves = {layer: m for layer, m in af_curves(records_found, weights, layers).items() if len(m)}
-    return plot_af_shapes(spec, curves, len(found), os.path.join(analysis_dir, name))
+    return plot_af_shapes(spec, curves, len(found), os.path.join(analysis_dir, name)), None
 
 
-def spec_summary(spec, runs, metrics, curve):
-    """The numbers behind the tables for one spec (plain dict, pickled)."""
-    summary = {"spec_name": spec, "runs": list(runs),
-               "early_stopping_mb": [m["early_stopping_mb"] for m in metrics],
-               "val_curve": {"mb": curve[0], "mean": curve[1], "min": curve[2], "max": curve[3]},
-               "definitions": __doc__}
-    for kind in ACC_KINDS:
+def spec_summary(spec, runs, records, metrics, curve, excluded, notes):
+    """The original's performance dictionary plus the suite's keys (pickled per spec)."""
+    summary = original_summary(spec, records)
+    summary.update({"runs": list(runs), "early_stopping_mb": [m["early_stopping_mb"] for m in metrics],
+                    "val_curve": {"mb": curve[0], "mean": curve[1], "min": curve[2], "max": curve[3]},
+                    "excluded": excluded, "warnings": notes, "definitions": __doc__})
+    for kind in ("train", "val", "test"):
         summary[f"{kind}_acc"] = [m[f"{kind}_acc"] for m in metrics]
         summary[f"{kind}_acc_stats"] = describe(summary[f"{kind}_acc"])
     return summary
@@ -539,55 +724,66 @@ def check_experiment(exp_dir):
 
 
 def analyse_experiment(exp_dir, reference="relu", out=print):
-    """Tables, significance tests and plots of every complete run of the experiment in exp_dir.
+    """Tables, significance tests, plots and report.html of every analysed run of the experiment in exp_dir.
 
     Writes into exp_dir/0_analysis/ and returns {'performance': rows, 'significance': rows or None,
-    'excluded': rows, 'analysis_dir': path}. Definitions: see the module docstring.
+    'excluded': rows, 'warnings': lines, 'analysis_dir': path, 'report': path}. Definitions: see the
+    module docstring.
     """
     exp_dir = os.path.normpath(exp_dir)
     specs = check_experiment(exp_dir)
     analysis_dir = os.path.join(exp_dir, "0_analysis")
     experiment = os.path.basename(exp_dir)
-    performance, excluded, test_accs, curves, summaries = [], [], {}, {}, {}
+    performance, excluded, notes, test_accs, curves, summaries, plots, settings = [], [], [], {}, {}, {}, {}, {}
     for spec in specs:
-        runs, records, spec_excluded = load_spec(exp_dir, spec, out)
+        runs, records, spec_excluded, spec_notes = load_spec(exp_dir, spec, out)
         excluded += spec_excluded
+        notes += spec_notes
         if not runs:
             continue
         metrics = [run_metrics(record) for record in records]
         grid, matrix = val_curves(records)
         curves[spec] = (grid, *band(matrix))
-        spec_plots(exp_dir, spec, runs, records, analysis_dir, curves[spec], out)
-        performance.append(performance_row(spec, metrics))
+        plots[spec] = spec_plots(exp_dir, spec, runs, records, analysis_dir, curves[spec], out)
+        summaries[spec] = spec_summary(spec, runs, records, metrics, curves[spec], spec_excluded, spec_notes)
+        performance.append(performance_row(summaries[spec], metrics))
         test_accs[spec] = [m["test_acc"] for m in metrics]
-        summaries[spec] = spec_summary(spec, runs, metrics, curves[spec])
-    if not performance:
-        write_csv(os.path.join(analysis_dir, "excluded_runs.csv"), EXCLUDED_COLUMNS, excluded)
+        settings[spec] = [record.get("settings") or {} for record in records]
+    write_csv(os.path.join(analysis_dir, "excluded_runs.csv"), EXCLUDED_COLUMNS, excluded)
+    if not performance and not any(row["category"] == "bad_test_acc" for row in excluded):
         raise UserError(f"experiment folder {exp_dir} has no complete run ({len(excluded)} excluded, "
                         f"listed in {os.path.join(analysis_dir, 'excluded_runs.csv')})")
+    if not performance:  # a finding, not an error: the report and excluded_runs.csv show every run and why
+        out("every complete run was excluded as a bad run (test accuracy in (0, 0.3)): nothing to compare")
     write_csv(os.path.join(analysis_dir, "main_performance_analysis.csv"), performance_columns(), performance)
-    write_csv(os.path.join(analysis_dir, "excluded_runs.csv"), EXCLUDED_COLUMNS, excluded)
-    plot_all_specs(curves, os.path.join(analysis_dir, f"PA_{experiment}.png"), experiment)
+    experiment_plot = None
+    if curves:
+        experiment_plot = plot_all_specs(curves, os.path.join(analysis_dir, f"PA_{experiment}.png"), experiment)
     significance = significance_table(test_accs, reference, analysis_dir, out)
     for spec, summary in summaries.items():
         summary["significance"] = next((r for r in significance or [] if r["spec_name"] == spec), None)
         save_pickle(os.path.join(analysis_dir, f"performance_summary_{spec}.pkl"), summary)
+    report = deepnet_report.write_report(
+        os.path.join(analysis_dir, "report.html"), exp_dir=exp_dir, reference=reference, specs=specs,
+        performance=performance, significance=significance, excluded=excluded, warnings=notes,
+        experiment_plot=experiment_plot, spec_plots=plots, settings=settings)
     out(summary_table(performance, significance, reference))
     out(f"tables, plots and summaries: {analysis_dir}")
-    return {"performance": performance, "significance": significance, "excluded": excluded,
-            "analysis_dir": analysis_dir}
+    out(f"report: {report}")
+    return {"performance": performance, "significance": significance, "excluded": excluded, "warnings": notes,
+            "analysis_dir": analysis_dir, "report": report}
 
 
 def significance_table(test_accs, reference, analysis_dir, out):
-    """Write significance.csv (None, with one line, if the reference spec has no complete run)."""
+    """Write significance.csv (None, with one line, if the reference spec has no analysed run)."""
     if reference not in test_accs:
-        out(f"reference spec '{reference}' has no complete run in this experiment: "
+        out(f"reference spec '{reference}' has no analysed run in this experiment: "
             "significance.csv not written")
         return None
     rows = significance_rows(test_accs, reference)
     few = [spec for spec, values in test_accs.items() if len(values) < 2]
     if few:
-        out(f"fewer than 2 complete runs, so no tests (p values NaN) for: {', '.join(few)}")
+        out(f"fewer than 2 analysed runs, so no tests (p values NaN) for: {', '.join(few)}")
     write_csv(os.path.join(analysis_dir, "significance.csv"), SIGNIFICANCE_COLUMNS, rows)
     return rows
 
@@ -595,26 +791,19 @@ def significance_table(test_accs, reference, analysis_dir, out):
 def summary_table(performance, significance, reference):
     """The compact table printed at the end (accuracies in %, differences in percentage points)."""
     by_spec = {row["spec_name"]: row for row in significance or []}
-    width = max(len("spec"), *(len(row["spec_name"]) for row in performance))
+    width = max([len("spec")] + [len(row["spec_name"]) for row in performance])
     lines = [f"{'spec':<{width}}  {'n':>3}  {'test acc [%]':>15}  {'Δ vs ' + reference + ' [pp]':>16}  "
              f"{'p Welch (Holm)':>14}"]
     for row in performance:
         spec = row["spec_name"]
-        std = row["test acc [std]"]
-        acc = f"{100 * row['test acc [mean]']:.2f} ± {100 * std:.2f}" if not math.isnan(std) \
-            else f"{100 * row['test acc [mean]']:.2f}"
+        acc = f"{100 * row['test acc [mean]']:.2f} ± {100 * row['test acc [std]']:.2f}"
         if spec == reference:
             delta, p = "(reference)", ""
         elif spec in by_spec:
             delta = f"{100 * by_spec[spec]['mean_diff']:+.2f}"
-            p = format_p(by_spec[spec]["welch_p_holm"])
+            p = deepnet_report.format_p(by_spec[spec]["welch_p_holm"])
         else:
             delta, p = "", ""
         lines.append(f"{spec:<{width}}  {row['n_runs']:>3}  {acc:>15}  {delta:>16}  {p:>14}")
     return "\n".join(lines)
 
-
-def format_p(p):
-    if math.isnan(p):
-        return "nan"
-    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
