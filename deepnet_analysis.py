@@ -69,6 +69,7 @@ from scipy import stats  # noqa: E402
 
 import deepnet_network as net  # noqa: E402
 import deepnet_report  # noqa: E402
+from deepnet_task_cifar import write_hparams_config  # noqa: E402
 from deepnet_util import UserError, atomic_write_bytes, load_pickle, save_pickle, save_text  # noqa: E402
 
 STAT_NAMES = ("median", "mean", "var", "std", "max", "min")
@@ -125,6 +126,15 @@ def check_run(exp_dir, spec, run):
     if tested_mb(record) is None or record.get("test_top1") is None:
         return None, "incomplete", "recorder has no early_stopping_mb or test_top1"
     return record, None, None
+
+
+def first_settings(exp_dir, spec):
+    """The settings of the spec's first run with a complete recorder, bad runs included (None if none)."""
+    for run in run_numbers(exp_dir, spec):
+        record, _, _ = check_run(exp_dir, spec, run)
+        if record is not None:
+            return record.get("settings") or {}
+    return None
 
 
 def load_run(exp_dir, spec, run):
@@ -767,8 +777,13 @@ def analyse_experiment(exp_dir, reference="relu", out=print):
         os.path.join(analysis_dir, "report.html"), exp_dir=exp_dir, reference=reference, specs=specs,
         performance=performance, significance=significance, excluded=excluded, warnings=notes,
         experiment_plot=experiment_plot, spec_plots=plots, settings=settings)
+    hparams = {spec: settings[spec][0] if spec in settings else first_settings(exp_dir, spec) for spec in specs}
+    hparams = {spec: values for spec, values in hparams.items() if values}
+    if hparams:
+        write_hparams_config(exp_dir, hparams)
     out(summary_table(performance, significance, reference))
     out(f"tables, plots and summaries: {analysis_dir}")
+    out(f"TensorBoard (curves, histograms, HParams): tensorboard --logdir {os.path.join(exp_dir, '0_summaries')}")
     out(f"report: {report}")
     return {"performance": performance, "significance": significance, "excluded": excluded, "warnings": notes,
             "analysis_dir": analysis_dir, "report": report}

@@ -17,6 +17,7 @@ from tensorboard.util import tensor_util
 
 from conftest import run_settings
 from deepnet_util import load_pickle
+import deepnet_analysis
 import deepnet_task_cifar as task
 
 SPECS = {"relu": {}, "ABU": {"af_set": "5_blend5_swish", "blend_trainable": True, "swish_beta_trainable": True}}
@@ -37,8 +38,10 @@ def experiment(tmp_path_factory):
             sessions += 1
         assert sessions == (3 if spec == "ABU" else 1)
         settings[spec] = s
-    shown = task.write_hparams_config(task.experiment_dir(settings["relu"]), settings)
-    return root, settings, shown
+    deepnet_analysis.analyse_experiment(task.experiment_dir(settings["relu"]), out=lambda line: None)
+    config = [hparams_data(e).experiment for e in events(os.path.join(task.experiment_dir(settings["relu"]),
+                                                                     "0_summaries")) if hparams_data(e)]
+    return root, settings, [info.name for info in config[0].hparam_infos]
 
 
 def events(folder):
@@ -82,11 +85,11 @@ def test_experiment_config_names_differing_and_standard_settings(experiment):
     configs = [hparams_data(e).experiment for e in events(folder) if hparams_data(e) is not None]
     assert len(configs) == 1
     names = [info.name for info in configs[0].hparam_infos]
-    assert names == shown and names[0] == "spec_name"
+    assert names == shown and names[0] == "spec_name"  # written by the analysis
     assert {"af_set", "blend_trainable", "swish_beta_trainable", "walltime"} - set(names) == {"walltime"}
     assert set(task.ALWAYS_SHOWN_HPARAMS) <= set(names) and "n_minibatches" not in names  # same for both specs
     assert [m.name.tag for m in configs[0].metric_infos] == list(task.HPARAM_METRICS)
-    task.write_hparams_config(task.experiment_dir(settings["relu"]), settings)  # again: replaces, not adds
+    assert task.write_hparams_config(task.experiment_dir(settings["relu"]), settings) == shown  # again: replaces
     assert len(glob.glob(os.path.join(folder, f"*{task.HPARAMS_CONFIG_SUFFIX}"))) == 1
 
 
