@@ -302,13 +302,15 @@ def test_whole_smcn_gradients_agree(af_set, blend_mode, trainable):
     loss_p, grads_p = smcn_gradients(False, af_set, blend_mode, trainable, images, labels)
     assert abs(loss_f - loss_p) <= TOL * max(1.0, abs(loss_p))
     assert grads_f.keys() == grads_p.keys()
-    assert any(name.endswith("blend_weights") for name in grads_f) == trainable
-    assert any(name.endswith("swish_beta") for name in grads_f) == (trainable and af_set == AF_SET)
+    assert any(name.endswith("/blend_weights_raw") for name in grads_f) == trainable
+    assert any(name.endswith("/swish_beta") for name in grads_f) == (trainable and af_set == AF_SET)
+    assert all(name.startswith("smcn/") for name in grads_f)  # the original's '<network>/<layer>/...' names
     for name in grads_p:
         g_f, g_p = np.asarray(grads_f[name], np.float64), np.asarray(grads_p[name], np.float64)
         assert np.all(np.isfinite(g_f)), name
         scale = np.max(np.abs(g_p))
         if name.endswith("swish_beta"):  # a sum that cancels: relative to its layer's weight gradients
-            scale = max(scale, np.max(np.abs(grads_p[name.replace("swish_beta", "blend_weights")])))
+            assert np.shape(g_p) == (1,), name  # swish_beta has shape [1], as the original's
+            scale = max(scale, np.max(np.abs(grads_p[name.replace("swish_beta", "blend_weights_raw")])))
         assert scale > 0, name
         assert np.max(np.abs(g_f - g_p)) <= TOL * scale, (name, np.max(np.abs(g_f - g_p)), scale)

@@ -4,6 +4,7 @@ Every numerical check compares against a reference written here (never BASE_FUNC
 activation_numpy), so a bug shared by the graph and the numpy code of the module is still caught.
 """
 import os
+import pickle
 import sys
 from contextlib import contextmanager
 
@@ -358,16 +359,25 @@ EXPECTED_ARCHITECTURES = {
     "smcnBN": [("conv", 5, 64), ("conv", 3, 64), ("maxpool", 3, 2), ("conv", 1, 64), ("conv", 5, 64),
                ("maxpool", 3, 2), ("dense", 384), ("dense", 192), ("logits",)],
 }
+# The weighted layers as the original (leonsuetfeld/activations, deepnet_networks.py) names them: the
+# varscope '<namescope>/<layer>' of each __conv2d_layer / __dense_layer call, numbered through the net.
+ORIGINAL_LAYERS = {
+    "smcn": ["conv1", "conv2", "conv3", "conv4", "dense5", "dense6", "denseout"],
+    "smcnLin": ["conv1", "conv2", "conv3", "conv4", "dense5", "dense6", "denseout"],
+    "smcnBN": ["conv1", "conv2", "conv3", "conv4", "dense5", "dense6", "denseout"],
+    "smcnDeep": ["conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "conv7", "conv8", "dense9", "dense10",
+                 "denseout"],
+}
 EXPECTED_WEIGHT_SHAPES = {
     "smcn": {"conv1": (5, 5, 3, 64), "conv2": (3, 3, 64, 64), "conv3": (1, 1, 64, 64), "conv4": (5, 5, 64, 64),
-             "dense1": (8 * 8 * 64, 384), "dense2": (384, 192), "logits": (192, 10)},
+             "dense5": (8 * 8 * 64, 384), "dense6": (384, 192), "denseout": (192, 10)},
 }
 EXPECTED_WEIGHT_SHAPES["smcnLin"] = EXPECTED_WEIGHT_SHAPES["smcn"]
 EXPECTED_WEIGHT_SHAPES["smcnBN"] = EXPECTED_WEIGHT_SHAPES["smcn"]
 EXPECTED_WEIGHT_SHAPES["smcnDeep"] = {
     "conv1": (5, 5, 3, 64), "conv2": (3, 3, 64, 64), "conv3": (1, 1, 64, 64), "conv4": (5, 5, 64, 64),
     "conv5": (1, 1, 64, 64), "conv6": (5, 5, 64, 64), "conv7": (1, 1, 64, 64), "conv8": (5, 5, 64, 64),
-    "dense1": (8 * 8 * 64, 384), "dense2": (384, 192), "logits": (192, 10)}
+    "dense9": (8 * 8 * 64, 384), "dense10": (384, 192), "denseout": (192, 10)}
 
 
 def test_architectures_match_the_issue():
@@ -376,8 +386,11 @@ def test_architectures_match_the_issue():
         assert [tuple(layer) for layer in dn.ARCHITECTURES[network]] == layers, network
     assert dn.n_dropout_layers("smcn") == 3 and dn.n_dropout_layers("smcnDeep") == 5
     assert dn.n_dropout_layers("smcnLin") == 0 and dn.n_dropout_layers("smcnBN") == 0
-    assert dn.activated_layers("smcn") == ["conv1", "conv2", "conv3", "conv4", "dense1", "dense2"]
-    assert dn.layer_names("smcnDeep")[-3:] == ["dense1", "dense2", "logits"]
+    for network, layers in ORIGINAL_LAYERS.items():
+        assert dn.layer_names(network) == layers, network
+        assert dn.activated_layers(network) == layers[:-1], network
+    assert dn.activated_layers("smcn") == ["conv1", "conv2", "conv3", "conv4", "dense5", "dense6"]
+    assert dn.layer_names("smcnDeep")[-3:] == ["dense9", "dense10", "denseout"]
 
 
 @pytest.mark.parametrize("network", sorted(EXPECTED_ARCHITECTURES))
@@ -390,18 +403,19 @@ def test_variables_per_architecture(network, af_set):
         variables = variables_by_name()
         shapes = EXPECTED_WEIGHT_SHAPES[network]
         for layer, shape in shapes.items():
-            assert tuple(variables[f"{layer}/weights"].shape.as_list()) == shape, layer
-            assert variables[f"{layer}/biases"].shape.as_list() == [shape[-1]], layer
+            assert tuple(variables[f"{network}/{layer}/weights"].shape.as_list()) == shape, layer
+            assert variables[f"{network}/{layer}/biases"].shape.as_list() == [shape[-1]], layer
         weight_names = {n for n in variables if n.endswith("/weights")}
-        assert weight_names == {f"{layer}/weights" for layer in shapes}
-        activated = [layer for layer in shapes if layer != "logits"]
+        assert weight_names == {f"{network}/{layer}/weights" for layer in shapes}
+        activated = [layer for layer in shapes if layer != "denseout"]
         n = len(REF_SETS[af_set])
         blend = sorted(n for n in variables if "blend_weights" in n)
-        assert blend == sorted(f"{layer}/blend_weights" for layer in activated)
+        assert blend == sorted(f"{network}/{layer}/blend_weights_raw" for layer in activated)
         assert all(variables[name].shape.as_list() == [n] for name in blend)
         betas = sorted(n for n in variables if "swish_beta" in n)
-        assert betas == (sorted(f"{layer}/swish_beta" for layer in activated) if "jswish" in REF_SETS[af_set]
-                         else [])
+        assert betas == (sorted(f"{network}/{layer}/swish_beta" for layer in activated)
+                         if "jswish" in REF_SETS[af_set] else [])
+        assert all(variables[name].shape.as_list() == [1] for name in betas)
         assert sorted(endpoints.af_vars) == sorted(activated) == sorted(endpoints.activations)
         ops = {op.type for op in tf.get_default_graph().get_operations()}
         assert ("StatelessRandomUniformV2" in ops or "StatelessRandomUniform" in ops) == (
@@ -410,15 +424,91 @@ def test_variables_per_architecture(network, af_set):
         assert ("MaxPool" in ops or "MaxPoolV2" in ops) == (network != "smcnLin")
 
 
+# The TF variable names of the original's graphs (deepnet_networks.py: variable_scope(namescope + '/<layer>')
+# with get_variable('weights'), ('biases') and, in __activate, ('blend_weights_raw') and, when 'swish' is in
+# the set, ('swish_beta') of shape [1]), in the order it creates them; global_step aside.
+ORIGINAL_VARIABLE_NAMES = {
+    "smcn": [
+        "smcn/conv1/weights:0", "smcn/conv1/biases:0", "smcn/conv1/blend_weights_raw:0", "smcn/conv1/swish_beta:0",
+        "smcn/conv2/weights:0", "smcn/conv2/biases:0", "smcn/conv2/blend_weights_raw:0", "smcn/conv2/swish_beta:0",
+        "smcn/conv3/weights:0", "smcn/conv3/biases:0", "smcn/conv3/blend_weights_raw:0", "smcn/conv3/swish_beta:0",
+        "smcn/conv4/weights:0", "smcn/conv4/biases:0", "smcn/conv4/blend_weights_raw:0", "smcn/conv4/swish_beta:0",
+        "smcn/dense5/weights:0", "smcn/dense5/biases:0", "smcn/dense5/blend_weights_raw:0",
+        "smcn/dense5/swish_beta:0",
+        "smcn/dense6/weights:0", "smcn/dense6/biases:0", "smcn/dense6/blend_weights_raw:0",
+        "smcn/dense6/swish_beta:0",
+        "smcn/denseout/weights:0", "smcn/denseout/biases:0"],
+    "smcnDeep": [
+        "smcnDeep/conv1/weights:0", "smcnDeep/conv1/biases:0", "smcnDeep/conv1/blend_weights_raw:0",
+        "smcnDeep/conv1/swish_beta:0",
+        "smcnDeep/conv2/weights:0", "smcnDeep/conv2/biases:0", "smcnDeep/conv2/blend_weights_raw:0",
+        "smcnDeep/conv2/swish_beta:0",
+        "smcnDeep/conv3/weights:0", "smcnDeep/conv3/biases:0", "smcnDeep/conv3/blend_weights_raw:0",
+        "smcnDeep/conv3/swish_beta:0",
+        "smcnDeep/conv4/weights:0", "smcnDeep/conv4/biases:0", "smcnDeep/conv4/blend_weights_raw:0",
+        "smcnDeep/conv4/swish_beta:0",
+        "smcnDeep/conv5/weights:0", "smcnDeep/conv5/biases:0", "smcnDeep/conv5/blend_weights_raw:0",
+        "smcnDeep/conv5/swish_beta:0",
+        "smcnDeep/conv6/weights:0", "smcnDeep/conv6/biases:0", "smcnDeep/conv6/blend_weights_raw:0",
+        "smcnDeep/conv6/swish_beta:0",
+        "smcnDeep/conv7/weights:0", "smcnDeep/conv7/biases:0", "smcnDeep/conv7/blend_weights_raw:0",
+        "smcnDeep/conv7/swish_beta:0",
+        "smcnDeep/conv8/weights:0", "smcnDeep/conv8/biases:0", "smcnDeep/conv8/blend_weights_raw:0",
+        "smcnDeep/conv8/swish_beta:0",
+        "smcnDeep/dense9/weights:0", "smcnDeep/dense9/biases:0", "smcnDeep/dense9/blend_weights_raw:0",
+        "smcnDeep/dense9/swish_beta:0",
+        "smcnDeep/dense10/weights:0", "smcnDeep/dense10/biases:0", "smcnDeep/dense10/blend_weights_raw:0",
+        "smcnDeep/dense10/swish_beta:0",
+        "smcnDeep/denseout/weights:0", "smcnDeep/denseout/biases:0"],
+}
+# __smcnS (namescope 'smcnLin') and __smcnBN (namescope 'smcnBN') use smcn's layer names.
+ORIGINAL_VARIABLE_NAMES["smcnLin"] = [name.replace("smcn/", "smcnLin/") for name in ORIGINAL_VARIABLE_NAMES["smcn"]]
+ORIGINAL_VARIABLE_NAMES["smcnBN"] = [name.replace("smcn/", "smcnBN/") for name in ORIGINAL_VARIABLE_NAMES["smcn"]]
+BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
+
+
+@pytest.mark.parametrize("network", sorted(ORIGINAL_VARIABLE_NAMES))
+@pytest.mark.parametrize("af_set", ["5_blend5_swish", "1_relu"])
+def test_variable_names_are_the_originals(network, af_set):
+    with tf.Graph().as_default():
+        dn.inference(dn.make_inputs(), make_settings(network=network, af_set=af_set))
+        variables = tf.global_variables()
+        names = [v.name for v in variables]
+        shapes = {v.name: v.shape.as_list() for v in variables}
+        trainable = [v.name for v in tf.trainable_variables()]
+        assert {v.op.type for v in variables} == {"VarHandleOp"}  # resource variables
+    expected = [name for name in ORIGINAL_VARIABLE_NAMES[network]
+                if "swish" in af_set or not name.endswith("/swish_beta:0")]
+    # batch norm (smcnBN only) is this suite's: '<network>/<layer>/bn/...' on the pre-activation and
+    # '<network>/<layer>/bn_component<i>/...' on each component of a blend
+    bn = [name for name in names if "/bn" in name]
+    assert [name for name in names if "/bn" not in name] == expected
+    assert [name for name in trainable if "/bn" not in name] == expected  # blend_trainable, swish_beta_trainable
+    n = len(REF_SETS[af_set])
+    for name in expected:
+        if name.endswith("/swish_beta:0"):
+            assert shapes[name] == [1], name
+        if name.endswith("/blend_weights_raw:0"):
+            assert shapes[name] == [n], name
+    if network != "smcnBN":
+        assert bn == []
+        return
+    scopes = ["bn"] + ([f"bn_component{i}" for i in range(1, n + 1)] if n > 1 else [])
+    assert sorted(bn) == sorted(f"smcnBN/{layer}/{scope}/{variable}:0"
+                                for layer in ORIGINAL_LAYERS["smcnBN"][:-1] for scope in scopes
+                                for variable in BN_VARIABLES)
+
+
 def test_swish_beta_only_for_swish_sets_and_default_init():
     for af_set in ("1_jswish", "3_relu+tanh+jswish"):
         with session_for(make_settings(af_set=af_set, network="smcnLin")) as (model, sess):
             variables = variables_by_name()
             n = len(REF_SETS[af_set])
             for layer in dn.activated_layers("smcnLin"):
-                np.testing.assert_array_equal(sess.run(variables[f"{layer}/blend_weights"]),
+                np.testing.assert_array_equal(sess.run(variables[f"smcnLin/{layer}/blend_weights_raw"]),
                                               np.full(n, 1.0 / n, np.float32))
-                assert sess.run(variables[f"{layer}/swish_beta"]) == 1.0
+                beta = sess.run(variables[f"smcnLin/{layer}/swish_beta"])
+                assert beta.shape == (1,) and beta[0] == 1.0
     init = dn.default_af_init("smcnDeep", "5_blend5_swish")
     assert sorted(init) == sorted(dn.activated_layers("smcnDeep")) and len(init) == 10
     for layer in init.values():
@@ -466,7 +556,7 @@ def np_batch_norm(x, training):
 
 def np_forward(network, params, x, names, blend, bn=None):
     """Reference forward pass (dropout off). params: layer -> (W, b); blend: layer -> (effective w, beta)."""
-    counts, acts = {}, {}
+    layer_names, acts = iter(ORIGINAL_LAYERS[network]), {}
     x = x.astype(np.float64)
     for layer in EXPECTED_ARCHITECTURES[network]:
         kind = layer[0]
@@ -475,8 +565,7 @@ def np_forward(network, params, x, names, blend, bn=None):
         if kind in ("maxpool", "avgpool"):
             x = np_pool_same(x, layer[1], layer[2], kind)
             continue
-        counts[kind] = counts.get(kind, 0) + 1
-        name = "logits" if kind == "logits" else f"{kind}{counts[kind]}"
+        name = next(layer_names)
         w, b = params[name]
         x = np_conv_same(x, w) + b if kind == "conv" else x.reshape(len(x), -1) @ w + b
         if kind == "logits":
@@ -501,7 +590,7 @@ def custom_af_init(network, n, seed):
 
 def fetch_params(sess, network):
     variables = variables_by_name()
-    return {layer: tuple(sess.run([variables[f"{layer}/weights"], variables[f"{layer}/biases"]]))
+    return {layer: tuple(sess.run([variables[f"{network}/{layer}/weights"], variables[f"{network}/{layer}/biases"]]))
             for layer in EXPECTED_WEIGHT_SHAPES[network]}
 
 
@@ -509,7 +598,11 @@ def fetch_blend(sess, endpoints, mode):
     values = {}
     for layer, v in endpoints.af_vars.items():
         raw = sess.run(v.raw)
-        beta = 1.0 if v.beta is None else float(sess.run(v.beta))
+        beta = 1.0
+        if v.beta is not None:
+            beta_value = sess.run(v.beta)
+            assert beta_value.shape == (1,)
+            beta = float(beta_value[0])
         values[layer] = (ref_effective(raw, mode), beta)
     return values
 
@@ -562,13 +655,13 @@ def test_weight_init_std_and_bias_init():
         w = params[layer][0]
         assert abs(w.std() / (truncation_factor * sigma) - 1) < 0.02, layer
         assert np.abs(w).max() <= 2 * sigma * 1.0001 and abs(w.mean()) < 0.02 * sigma
-    for layer, (n_in, n_out) in (("dense1", (4096, 384)), ("dense2", (384, 192))):
+    for layer, (n_in, n_out) in (("dense5", (4096, 384)), ("dense6", (384, 192))):
         sigma = np.sqrt(2.0 / (n_in * n_out))
         w = params[layer][0]
         assert abs(w.std() / (truncation_factor * sigma) - 1) < 0.02, layer
         assert np.abs(w).max() <= 2 * sigma * 1.0001
     np.testing.assert_array_equal(params["conv1"][1], np.zeros(64, np.float32))
-    for layer in ("conv2", "conv3", "conv4", "dense1", "dense2", "logits"):
+    for layer in ("conv2", "conv3", "conv4", "dense5", "dense6", "denseout"):
         np.testing.assert_array_equal(params[layer][1], np.full(params[layer][1].shape, 0.1, np.float32))
 
 
@@ -576,7 +669,7 @@ def test_init_is_deterministic_for_a_seed():
     runs = []
     for seed in (3, 3, 4):
         with session_for(make_settings(network="smcnLin", seed=seed)) as (model, sess):
-            runs.append(sess.run(variables_by_name()["conv2/weights"]))
+            runs.append(sess.run(variables_by_name()["smcnLin/conv2/weights"]))
     np.testing.assert_array_equal(runs[0], runs[1])
     assert not np.array_equal(runs[0], runs[2])
 
@@ -590,15 +683,15 @@ def test_trainable_flags(blend_trainable, beta_trainable):
     with session_for(settings) as (model, sess):
         trainable = {v.op.name for v in tf.trainable_variables()}
         variables = variables_by_name()
-        blend = [variables[f"{layer}/blend_weights"] for layer in dn.activated_layers("smcnLin")]
-        betas = [variables[f"{layer}/swish_beta"] for layer in dn.activated_layers("smcnLin")]
+        blend = [variables[f"smcnLin/{layer}/blend_weights_raw"] for layer in dn.activated_layers("smcnLin")]
+        betas = [variables[f"smcnLin/{layer}/swish_beta"] for layer in dn.activated_layers("smcnLin")]
         assert all((v.op.name in trainable) == blend_trainable for v in blend)
         assert all((v.op.name in trainable) == beta_trainable for v in betas)
-        assert "conv1/weights" in trainable
-        before = sess.run(blend + betas + [variables["conv1/weights"]])
+        assert "smcnLin/conv1/weights" in trainable
+        before = sess.run(blend + betas + [variables["smcnLin/conv1/weights"]])
         sess.run(model.train_op, {model.inputs.images: images(2), model.inputs.labels: [1, 7],
                                   model.inputs.lr: 0.1})
-        after = sess.run(blend + betas + [variables["conv1/weights"]])
+        after = sess.run(blend + betas + [variables["smcnLin/conv1/weights"]])
     changed = [not np.array_equal(a, b) for a, b in zip(before, after)]
     n = len(blend)
     assert changed[:n] == [blend_trainable] * n
@@ -647,8 +740,8 @@ def test_top1_top5_and_predictions():
         # Make the logits spread so that the ranks are well defined.
         variables = variables_by_name()
         rng = np.random.default_rng(2)
-        sess.run(variables["logits/weights"].assign(rng.normal(size=(192, 10)).astype(np.float32)))
-        sess.run(variables["logits/biases"].assign(rng.normal(size=10).astype(np.float32)))
+        sess.run(variables["smcnLin/denseout/weights"].assign(rng.normal(size=(192, 10)).astype(np.float32)))
+        sess.run(variables["smcnLin/denseout/biases"].assign(rng.normal(size=10).astype(np.float32)))
         x = images(4)
         logits = sess.run(model.logits, {model.inputs.images: x})
         ranking = np.argsort(-logits, axis=1)
@@ -702,6 +795,41 @@ def test_unknown_network_and_optimizer():
             dn.build_model(make_settings(af_set="4_blend5_swish"))
 
 
+# ---------------------------------------------------------------- TensorBoard summaries
+
+def test_summaries_are_the_originals_statistics_of_the_values_before_the_update():
+    settings = make_settings(network="smcnLin", af_set="5_blend5_swish", optimizer="SGD")
+    labels = np.array([1, 7, 3])
+    with session_for(settings, custom_af_init("smcnLin", 5, seed=2)) as (model, sess):
+        variables = variables_by_name()
+        names = {"weights": "smcnLin/conv2/weights", "biases": "smcnLin/dense6/biases",
+                 "blend_weights": "smcnLin/conv3/blend_weights_raw", "swish_beta": "smcnLin/dense5/swish_beta"}
+        before = sess.run({key: variables[name] for key, name in names.items()})
+        feed = {model.inputs.images: images(3), model.inputs.labels: labels, model.inputs.lr: 0.5}
+        loss = sess.run(model.loss, feed)
+        _, serialized = sess.run([model.train_op, model.summaries], feed)
+        after = sess.run({key: variables[name] for key, name in names.items()})
+    summary = tf.Summary.FromString(serialized)
+    scalars = {v.tag: v.simple_value for v in summary.value if v.WhichOneof("value") == "simple_value"}
+    histograms = {v.tag for v in summary.value if v.WhichOneof("value") == "histo"}
+    assert all(not np.array_equal(before[key], after[key]) for key in before)  # the step did update them
+    for key, name in names.items():
+        tag = name.rsplit("/", 1)[0] + "/" + key
+        value = before[key].astype(np.float64)
+        want = {"mean": value.mean(), "stddev": np.sqrt(np.mean((value - value.mean()) ** 2)),
+                "max": value.max(), "min": value.min()}
+        for stat, expected in want.items():
+            assert scalars[f"{tag}/{stat}"] == pytest.approx(expected, rel=1e-5, abs=1e-7), f"{tag}/{stat}"
+        assert f"{tag}/histogram" in histograms
+    assert scalars["objective/loss"] == pytest.approx(float(loss), rel=1e-6)
+    for layer in ORIGINAL_LAYERS["smcnLin"][:-1]:
+        for what in ("weights", "biases", "preact", "activation", "blend_weights", "swish_beta"):
+            assert {f"smcnLin/{layer}/{what}/{stat}" for stat in ("mean", "stddev", "max", "min")} <= set(scalars)
+            assert f"smcnLin/{layer}/{what}/histogram" in histograms
+        assert f"smcnLin/{layer}/weights/gradient/mean" in scalars
+    assert {"objective/top1", "objective/top5"} <= set(scalars)
+
+
 # ---------------------------------------------------------------- batch norm state
 
 def test_batch_norm_training_vs_inference_and_moving_averages():
@@ -718,15 +846,15 @@ def test_batch_norm_training_vs_inference_and_moving_averages():
         infer_logits = sess.run(model.logits, {**feed, model.inputs.training: False})
         assert np.abs(train_logits - infer_logits).max() > 1e-3
         before = sess.run(moving)
-        w1, b1 = sess.run([variables["conv1/weights"], variables["conv1/biases"]])
+        w1, b1 = sess.run([variables["smcnBN/conv1/weights"], variables["smcnBN/conv1/biases"]])
         unchanged = sess.run(moving)  # forward passes alone do not update the moving averages
         assert all(np.array_equal(before[n], unchanged[n]) for n in moving)
         sess.run(model.train_op, {**feed, model.inputs.training: True})
         after = sess.run(moving)
     assert all(not np.array_equal(before[n], after[n]) for n in moving)
     preact = np_conv_same(x.astype(np.float64), w1) + b1
-    mean_name = [n for n in moving if n.startswith("conv1/") and "component" not in n and "mean" in n]
-    var_name = [n for n in moving if n.startswith("conv1/") and "component" not in n and "variance" in n]
+    mean_name = [n for n in moving if n.startswith("smcnBN/conv1/") and "component" not in n and "mean" in n]
+    var_name = [n for n in moving if n.startswith("smcnBN/conv1/") and "component" not in n and "variance" in n]
     assert len(mean_name) == 1 and len(var_name) == 1
     np.testing.assert_allclose(after[mean_name[0]], (1 - REF_BN_DECAY) * preact.mean(axis=(0, 1, 2)),
                                rtol=1e-4, atol=1e-7)
@@ -777,15 +905,20 @@ def test_network_dropout_by_step_and_keep_probs():
         assert not np.allclose(logits([1.0, 1.0, 0.5], 3), plain)
 
 
-# ---------------------------------------------------------------- AF-weight files
+# ---------------------------------------------------------------- AF-weight files (the original's format)
 
-def write_af_file(exp_dir, spec, run, mb, n, value, beta=1.25):
-    layers = {layer: {"blend_weights_raw": np.full(n, value, np.float32) + np.arange(n, dtype=np.float32),
-                      "blend_weights": np.full(n, 1.0 / n), "swish_beta": beta}
-              for layer in dn.activated_layers("smcnLin")}
-    save_pickle(dn.af_weights_path(str(exp_dir), spec, run, mb),
-                {"af_set": f"{n}_x", "blend_mode": "unrestricted", "mb": mb, "spec_name": spec, "run": run,
-                 "layers": layers})
+def write_af_file(exp_dir, spec, run, mb, n, value, beta=1.25, network="smcnLin"):
+    """An AF-weights file as the original writes it: '<network>/<layer>/blend_weights_raw:0' -> list of
+    floats and '<network>/<layer>/swish_beta:0' -> [beta] (left out when beta is None)."""
+    content = {}
+    for layer in ORIGINAL_LAYERS[network][:-1]:
+        weights = np.full(n, value, np.float32) + np.arange(n, dtype=np.float32)
+        content[f"{network}/{layer}/blend_weights_raw:0"] = [float(w) for w in weights]
+        if beta is not None:
+            content[f"{network}/{layer}/swish_beta:0"] = [beta]
+    path = dn.af_weights_path(str(exp_dir), spec, run, mb)
+    save_pickle(path, content)
+    return path
 
 
 def test_predefined_af_init_picks_newest_and_normalizes(tmp_path):
@@ -827,3 +960,175 @@ def test_predefined_af_init_errors(tmp_path):
         dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "1_relu")
     init = dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "3_relu+tanh+jswish")
     assert len(init) == 6
+    # the keys carry the network, as the original's variable names: another network's file does not fit
+    with pytest.raises(UserError, match="blend weights for smcn/conv1"):
+        dn.predefined_af_init(str(tmp_path), "specA", 1, "smcn", "3_relu+tanh+jswish")
+    # a pickle that is no dict (e.g. the old {'layers': ...} format is a dict, but lacks every key)
+    save_pickle(dn.af_weights_path(str(tmp_path), "specB", 1, 3), [1.0, 2.0, 3.0])
+    with pytest.raises(UserError, match="af_weights_specB_run_1_mb_3.pkl"):
+        dn.predefined_af_init(str(tmp_path), "specB", 1, "smcnLin", "3_relu+tanh+jswish")
+    old = {"layers": {layer: {"blend_weights_raw": np.ones(3, np.float32), "swish_beta": 1.0}
+                      for layer in ORIGINAL_LAYERS["smcnLin"][:-1]}}
+    save_pickle(dn.af_weights_path(str(tmp_path), "specC", 1, 3), old)
+    with pytest.raises(UserError, match="af_weights_specC_run_1_mb_3.pkl.*blend weights for smcnLin/conv1"):
+        dn.predefined_af_init(str(tmp_path), "specC", 1, "smcnLin", "3_relu+tanh+jswish")
+
+
+# ---------------------------------------------------------------- transcriptions of the original's AF-weight I/O
+# (leonsuetfeld/activations, deepnet_networks.py, Network.save_af_weights and get_af_weights_dict), on
+# (TF variable name, value as sess.run returns it) pairs of tf.trainable_variables() in their order.
+
+def original_save_af_weights(path, trainable):
+    af_weights_dict_pkl = {}
+    # if trainable blend weights available put in dicts
+    if len([name for name, _ in trainable if 'blend_weights' in name]) > 0:
+        for name, value in [(name, value) for name, value in trainable if 'blend_weights' in name]:
+            af_weights_dict_pkl[name] = list(value)
+    # if trainable swish betas available put in dicts
+    if len([name for name, _ in trainable if 'swish_beta' in name]) > 0:
+        for name, value in [(name, value) for name, value in trainable if 'swish_beta' in name]:
+            af_weights_dict_pkl[name] = list(value)
+    # save dicts in files
+    if len(af_weights_dict_pkl.keys()) > 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pickle.dump(af_weights_dict_pkl, open(path, 'wb'), protocol=3)
+    return af_weights_dict_pkl
+
+
+def original_af_values(network, n, seed, with_beta=True):
+    """float32 blend weights [n] and beta [1] per activated layer, as the original's variables hold them."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for layer in ORIGINAL_LAYERS[network][:-1]:
+        values.append((f"{network}/{layer}/weights:0", rng.normal(size=(2, 2)).astype(np.float32)))  # not saved
+        values.append((f"{network}/{layer}/blend_weights_raw:0", rng.uniform(-0.5, 1.5, n).astype(np.float32)))
+        if with_beta:
+            values.append((f"{network}/{layer}/swish_beta:0", rng.uniform(0.5, 2.0, 1).astype(np.float32)))
+    return values
+
+
+def graph_af_variables(sess, network):
+    variables = variables_by_name()
+    return {layer: (sess.run(variables[f"{network}/{layer}/blend_weights_raw"]),
+                    sess.run(variables[f"{network}/{layer}/swish_beta"]))
+            for layer in ORIGINAL_LAYERS[network][:-1]}
+
+
+def test_predefined_af_init_reads_the_file_the_original_writes(tmp_path):
+    values = original_af_values("smcn", 5, seed=11)
+    path = dn.af_weights_path(str(tmp_path), "orig", 2, 4000)
+    saved = original_save_af_weights(path, values)
+    with open(path, "rb") as handle:
+        assert handle.read(2) == b"\x80\x03"  # pickle protocol 3
+    assert all(type(x) is np.float32 for value in saved.values() for x in value)
+    blend = {name.split("/")[1]: value for name, value in values if name.endswith("/blend_weights_raw:0")}
+    beta = {name.split("/")[1]: value for name, value in values if name.endswith("/swish_beta:0")}
+    assert sorted(blend) == sorted(beta) == sorted(ORIGINAL_LAYERS["smcn"][:-1])
+    settings = make_settings(network="smcn", af_set="5_blend5_swish", blend_mode="unrestricted")
+
+    init = dn.predefined_af_init(str(tmp_path), "orig", 2, "smcn", "5_blend5_swish")
+    assert sorted(init) == sorted(blend)
+    for layer in blend:
+        np.testing.assert_array_equal(init[layer]["blend_weights"], blend[layer])
+        assert init[layer]["swish_beta"] == beta[layer][0]
+    with session_for(settings, init) as (model, sess):
+        got = graph_af_variables(sess, "smcn")
+    for layer in blend:  # the graph starts from exactly the saved float32 values
+        np.testing.assert_array_equal(got[layer][0], blend[layer])
+        assert got[layer][0].dtype == np.float32
+        np.testing.assert_array_equal(got[layer][1], beta[layer])
+        assert got[layer][1].shape == (1,)
+
+    # -norm_blendw_at_init: divided by their sum (the original: layer_blend_weights /= reduce_sum(...))
+    normed = dn.predefined_af_init(str(tmp_path), "orig", 2, "smcn", "5_blend5_swish", normalize=True)
+    with session_for(settings, normed) as (model, sess):
+        got = graph_af_variables(sess, "smcn")
+    for layer in blend:
+        w = blend[layer].astype(np.float64)
+        np.testing.assert_allclose(got[layer][0], w / w.sum(), rtol=1e-6, atol=1e-7)
+        assert got[layer][0].sum() == pytest.approx(1.0, abs=1e-6)
+        np.testing.assert_array_equal(got[layer][1], beta[layer])  # beta is not normalised
+
+    # the original's loader also accepted its older key '<scope>/blend_weights:0'
+    older = [(name.replace("/blend_weights_raw:0", "/blend_weights:0"), value) for name, value in values]
+    original_save_af_weights(dn.af_weights_path(str(tmp_path), "older", 2, 10), older)
+    init = dn.predefined_af_init(str(tmp_path), "older", 2, "smcn", "5_blend5_swish")
+    for layer in blend:
+        np.testing.assert_array_equal(init[layer]["blend_weights"], blend[layer])
+        assert init[layer]["swish_beta"] == beta[layer][0]
+
+
+def test_af_file_without_swish_beta_for_a_swish_set_is_a_one_line_user_error(tmp_path):
+    # the original saves swish_beta only when it is trainable: such a file cannot start a swish set
+    path = dn.af_weights_path(str(tmp_path), "nobeta", 1, 50)
+    values = original_af_values("smcnLin", 5, seed=3, with_beta=False)
+    saved = original_save_af_weights(path, values)
+    assert not any("swish_beta" in name for name in saved)
+    for af_set in ("5_blend5_swish", "5_relu+jelu+tanh+jswish+linu"):
+        with pytest.raises(UserError) as failure:
+            dn.predefined_af_init(str(tmp_path), "nobeta", 1, "smcnLin", af_set)
+        message = str(failure.value)
+        assert len(message.splitlines()) == 1, message
+        assert path in message and "swish_beta" in message and "smcnLin/conv1" in message
+    # a beta of the wrong size is refused the same way
+    wrong = values + [(f"smcnLin/{layer}/swish_beta:0", np.array([1.0, 2.0], np.float32))
+                      for layer in ORIGINAL_LAYERS["smcnLin"][:-1]]
+    path = dn.af_weights_path(str(tmp_path), "twobetas", 1, 50)
+    original_save_af_weights(path, wrong)
+    with pytest.raises(UserError) as failure:
+        dn.predefined_af_init(str(tmp_path), "twobetas", 1, "smcnLin", "5_blend5_swish")
+    assert len(str(failure.value).splitlines()) == 1 and path in str(failure.value)
+    assert "swish_beta" in str(failure.value)
+    # a set without swish needs no beta (the original read it only when 'swish' was in the set)
+    init = dn.predefined_af_init(str(tmp_path), "nobeta", 1, "smcnLin", "5_relu+jelu+tanh+linu+selu")
+    blend = {name.split("/")[1]: value for name, value in values if name.endswith("/blend_weights_raw:0")}
+    for layer, value in blend.items():
+        np.testing.assert_array_equal(init[layer]["blend_weights"], value)
+        assert init[layer]["swish_beta"] == 1.0
+
+
+def original_get_af_weights_dict(sess):
+    """The original's Network.get_af_weights_dict, on the default graph. Its sess.run(name) read a ref
+    variable's value; here the name is a resource variable's handle, so the variable of that name is run."""
+    value_of = {v.name: v for v in tf.trainable_variables()}
+    af_weights_dict = {}
+    # if trainable blend weights available put in list
+    if len([v for v in tf.trainable_variables() if 'blend_weights' in v.name]) > 0:
+        for name in [v.name for v in tf.trainable_variables() if 'blend_weights' in v.name]:
+            af_weights_dict[name] = list(sess.run(value_of[name]))
+    # if trainable swish betas available put in list
+    if len([v for v in tf.trainable_variables() if 'swish_beta' in v.name]) > 0:
+        for name in [v.name for v in tf.trainable_variables() if 'swish_beta' in v.name]:
+            af_weights_dict[name] = list(sess.run(value_of[name]))
+    return af_weights_dict
+
+
+@pytest.mark.parametrize("blend_trainable, beta_trainable", [(True, True), (True, False), (False, True),
+                                                             (False, False)])
+def test_af_weights_file_content_is_the_originals_dict_and_reads_back(tmp_path, blend_trainable, beta_trainable):
+    settings = make_settings(network="smcnLin", af_set="5_blend5_swish", blend_trainable=blend_trainable,
+                             swish_beta_trainable=beta_trainable)
+    start = custom_af_init("smcnLin", 5, seed=8)
+    with session_for(settings, start) as (model, sess):
+        content = dn.af_weights_file_content(sess, tf.get_default_graph())
+        original = original_get_af_weights_dict(sess)
+    assert set(content) == set(original)  # (a dict: the order of its keys is no part of the format)
+    for name, value in original.items():
+        assert isinstance(content[name], list) and len(content[name]) == len(value)
+        assert content[name] == [float(x) for x in value]
+    layers = ORIGINAL_LAYERS["smcnLin"][:-1]
+    expected = ({f"smcnLin/{layer}/blend_weights_raw:0" for layer in layers} if blend_trainable else set()) | \
+               ({f"smcnLin/{layer}/swish_beta:0" for layer in layers} if beta_trainable else set())
+    assert set(content) == expected
+    for layer in layers:
+        if blend_trainable:
+            np.testing.assert_array_equal(np.float32(content[f"smcnLin/{layer}/blend_weights_raw:0"]),
+                                          start[layer]["blend_weights"])
+        if beta_trainable:
+            assert content[f"smcnLin/{layer}/swish_beta:0"] == [np.float32(start[layer]["swish_beta"])]
+    if blend_trainable and beta_trainable:  # what this suite writes, it reads back exactly
+        save_pickle(dn.af_weights_path(str(tmp_path), "back", 1, 7), content)
+        init = dn.predefined_af_init(str(tmp_path), "back", 1, "smcnLin", "5_blend5_swish")
+        for layer in layers:
+            np.testing.assert_array_equal(init[layer]["blend_weights"], start[layer]["blend_weights"])
+            assert init[layer]["swish_beta"] == np.float32(start[layer]["swish_beta"])

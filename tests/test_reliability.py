@@ -37,10 +37,11 @@ RUN_FLAGS = ["-experiment_name", "rel", "-spec_name", "spec", "-run", "1", "-net
              "-create_lc_on_the_fly", "False"]
 RECORDER_KEYS = {
     "experiment_name", "spec_name", "run", "settings", "mbs_per_epoch", "mb_count_total", "ep_count_total",
-    "train_mb_n_hist", "train_loss_hist", "train_top1_hist", "val_mb_n_hist", "val_loss_hist", "val_top1_hist",
-    "val_top5_hist", "val_apc_hist", "val_af_weights_hist", "val_preact_stats_hist", "checkpoints",
-    "early_stopping_mb", "val_top1_smoothed", "test_mb_n_hist", "test_loss", "test_top1", "test_top5",
-    "test_apc", "training_completed", "test_completed", "diverged", "diverged_at_mb"}
+    "train_mb_n_hist", "train_loss_hist", "train_xentropy_hist", "train_top1_hist", "val_mb_n_hist",
+    "val_loss_hist", "val_xentropy_hist", "val_top1_hist", "val_top5_hist", "val_apc_hist", "val_af_weights_hist",
+    "val_preact_stats_hist", "checkpoints", "early_stopping_mb", "val_top1_smoothed", "test_mb_n_hist",
+    "test_loss", "test_xentropy", "test_top1", "test_top5", "test_apc", "test_af_weights", "training_completed",
+    "test_completed", "diverged", "diverged_at_mb"}
 
 
 # ---------------------------------------------------------------- helpers
@@ -178,7 +179,12 @@ def test_reference_recorder_has_exactly_the_documented_keys_and_no_timings(refer
     assert set(reference) == RECORDER_KEYS
     assert reference["test_completed"] and not reference["diverged"]
     assert reference["train_mb_n_hist"] == list(range(1, N + 1)) and reference["checkpoints"] == [0, 19, N]
+    # validations at 0, every -val_every and the last minibatch only (none at the checkpoint 19)
+    assert reference["val_mb_n_hist"] == [0, 10, 20, N]
     assert all(np.isfinite(reference["train_loss_hist"] + reference["val_loss_hist"]))
+    assert len(reference["train_xentropy_hist"]) == N and len(reference["val_xentropy_hist"]) == 4
+    assert np.isfinite(reference["test_xentropy"]) and set(reference["test_af_weights"]) == {
+        "conv1", "conv2", "conv3", "conv4", "dense5", "dense6"}
     # the dropout layers are active in training: keep probability 0.5 in smcn's three dropout layers
     assert reference["settings"]["dropout_keep_probs"] == [0.5] and reference["settings"]["network"] == "smcn"
 
@@ -294,14 +300,15 @@ def test_failed_writes_never_destroy_the_previous_checkpoint(reference, tmp_path
     os.makedirs(partial)
     save_pickle(os.path.join(partial, "recorder.pkl"), dict(reference, mb_count_total=25))
     open(os.path.join(partial, "state.index"), "wb").close()
-    # 3. the disk fills when the run's recorder is rewritten after the last checkpoint (19, then 30)
+    # 3. the disk fills when the run's recorder is rewritten after the last checkpoint (19, then 30); at 30
+    # every validation is done, so every score is final and pruning has kept only the winner and 30
     monkeypatch.setattr(deepnet_util, "atomic_write_bytes", disk_full_at(f"{os.sep}record_spec_run_1.pkl", 2))
     capsys.readouterr()
     with pytest.raises(OSError):
         train_here(root)
     assert "resuming from minibatch 0" in capsys.readouterr().out
     assert not os.path.exists(partial)
-    assert sorted(intact) == ["ckpt_mb_0", "ckpt_mb_19", "ckpt_mb_30"]
+    assert sorted(intact) == sorted({f"ckpt_mb_{reference['early_stopping_mb']}", "ckpt_mb_30"})
     assert folder_digest(os.path.join(models, "ckpt_mb_30")) == intact["ckpt_mb_30"]
     monkeypatch.undo()
     assert train_here(root) == 0
@@ -312,48 +319,59 @@ def test_failed_writes_never_destroy_the_previous_checkpoint(reference, tmp_path
 
 # ---------------------------------------------------------------- pruning
 
-def naive_smooth(mbs, values, window, passes=3):
-    """Independent reference: mean over the points within window/2, repeated."""
-    mbs, values = np.asarray(mbs, float), np.asarray(values, float)
+def naive_smooth(values, window, passes=3):
+    """Independent reference, the original's __smooth: the mean over the validations
+    [i - window//2, i + window//2) (clipped at the ends), repeated."""
+    values = np.asarray(values, float)
     for _ in range(passes):
-        values = np.array([values[np.abs(mbs - m) <= window / 2].mean() for m in mbs])
+        values = np.array([values[max(i - window // 2, 0):i + window // 2].mean() for i in range(len(values))])
     return values
 
 
+def naive_scores(val_mbs, val_top1, checkpoints, window):
+    """Each checkpoint's smoothed accuracy at the validation nearest to it (the earlier of two as near)."""
+    smoothed = naive_smooth(val_top1, window)
+    return {c: smoothed[int(np.argmin(np.abs(np.asarray(val_mbs) - c)))] for c in checkpoints}
+
+
 def naive_winner(val_mbs, val_top1, checkpoints, window):
-    smoothed = dict(zip(val_mbs, naive_smooth(val_mbs, val_top1, window)))
-    return max(checkpoints, key=lambda c: (smoothed[c], c))
+    scores = naive_scores(val_mbs, val_top1, checkpoints, window)
+    return max(checkpoints, key=lambda c: (scores[c], c))
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_pruning_keeps_a_bounded_set_that_always_contains_the_final_winner(seed):
     rng = np.random.default_rng(seed)
-    n, val_every, ckpt_every = 6000, 20, 240
-    window = task.smoothing_window(n)  # 600: a checkpoint's score is final 900 minibatches later
-    val_mbs = list(range(0, n + 1, val_every))
+    n, val_every, ckpt_every = 6000, 20, 185  # CIFAR: 185 minibatches of 256 per epoch; not on validations
+    val_mbs = [0] + [mb for mb in range(1, n + 1) if mb % val_every == 0 or mb == n]
+    # the original's window: min(2000, max(n // 10, 500)) minibatches over n // (number of validations)
+    window = min(2000, max(n // 10, 500)) // (n // len(val_mbs))
+    assert task.smoothing_window(val_mbs) == window == 31  # a score is final 3 * 14 validations later
     trend = 0.9 - 0.6 * np.exp(-np.arange(len(val_mbs)) / 60) - 0.0001 * np.arange(len(val_mbs)) * seed
     val_top1 = (trend + 0.03 * rng.normal(size=len(val_mbs))).tolist()
     checkpoints = list(range(0, n, ckpt_every)) + [n]
     winner = naive_winner(val_mbs, val_top1, checkpoints, window)
     on_disk = set()
     for i, mb in enumerate(checkpoints):
-        upto = val_mbs.index(mb) + 1
+        upto = len([m for m in val_mbs if m <= mb])  # the validations done when checkpoint mb is written
         record = {"checkpoints": checkpoints[:i + 1], "val_mb_n_hist": val_mbs[:upto],
                   "val_top1_hist": val_top1[:upto], "settings": {"create_val_set": True}}
-        keep = task.checkpoints_to_keep(record, window)
+        keep = task.checkpoints_to_keep(record, val_mbs)
         on_disk = (on_disk | {mb}) & (keep | {mb})
         assert winner in on_disk or winner > mb
-        assert len(on_disk) <= int(1.5 * window / ckpt_every) + 2
+        assert len(on_disk) <= int(1.5 * window * val_every / ckpt_every) + 2
     assert winner in on_disk and len(on_disk) < len(checkpoints) / 3
     final = {"checkpoints": checkpoints, "val_mb_n_hist": val_mbs, "val_top1_hist": val_top1,
              "settings": {"create_val_set": True}}
-    assert task.early_stopping_mb(final, window)[0] == winner
+    best, smoothed = task.early_stopping_mb(final, val_mbs)
+    assert best == winner
+    np.testing.assert_allclose(smoothed, naive_smooth(val_top1, window), rtol=1e-12, atol=1e-12)
 
 
 def test_real_run_prunes_during_training_and_keeps_only_the_tested_model(tmp_path, data_dir, monkeypatch):
     root = new_root(tmp_path, data_dir)
-    window = 4  # a checkpoint's smoothed score is final 6 minibatches later
-    monkeypatch.setattr(task, "smoothing_window", lambda n_minibatches: window)
+    window = 4  # validations: a checkpoint's smoothed score is final 3 validations (12 minibatches) later
+    monkeypatch.setattr(task, "smoothing_window", lambda val_mbs: window)
     models = os.path.join(run_dir(root, "prune"), "models")
     listings = []
     real_prune = task.Checkpointer.prune
@@ -365,19 +383,24 @@ def test_real_run_prunes_during_training_and_keeps_only_the_tested_model(tmp_pat
                                 for p in glob.glob(os.path.join(models, "*", "state.index")))))
 
     monkeypatch.setattr(task.Checkpointer, "prune", prune)
-    # 320 images, validation 64, 4 minibatches of 64 per epoch: checkpoints at 0, 4, ..., 16, 20
+    # 320 images, validation 64, 4 minibatches of 64 per epoch: checkpoints and validations at 0, 4, ..., 16, 20
     assert train_here(root, ["-spec_name", "prune", "-network", "smcnLin", "-minibatch_size", "64",
                              "-val_set_fraction", "0.1", "-n_minibatches", "20", "-val_every", "4"]) == 0
     assert [mb for mb, _, _ in listings] == [0, 4, 8, 12, 16, 20]
     for mb, folders, with_state in listings:
         assert with_state == [f"ckpt_mb_{mb}"]  # only the newest checkpoint keeps the optimizer state
-        assert len(folders) <= 3  # the best final one plus those within 6 minibatches
-    assert len(listings[3][1]) == 3  # at 12: the better of 0 and 4, then 8 and 12
+        assert len(folders) <= 4  # the best final one plus those within 12 minibatches
     record = record_of(root, "prune")
-    smoothed = dict(zip(record["val_mb_n_hist"], naive_smooth(record["val_mb_n_hist"], record["val_top1_hist"],
-                                                              window)))
+    assert record["val_mb_n_hist"] == [0, 4, 8, 12, 16, 20] and record["checkpoints"] == [0, 4, 8, 12, 16, 20]
+    val_mbs, curve = record["val_mb_n_hist"], record["val_top1_hist"]
+    assert listings[3][1] == ["ckpt_mb_0", "ckpt_mb_12", "ckpt_mb_4", "ckpt_mb_8"]  # at 12: only 0 is final
+    better = naive_winner(val_mbs, curve, [0, 4], window)  # at 16: 0 and 4 are final, the better one stays
+    assert listings[4][1] == sorted([f"ckpt_mb_{better}", "ckpt_mb_8", "ckpt_mb_12", "ckpt_mb_16"])
+    scores = naive_scores(val_mbs, curve, record["checkpoints"], window)
     tested = record["early_stopping_mb"]
-    assert smoothed[tested] >= max(smoothed[c] for c in record["checkpoints"]) - 1e-12
+    assert tested == naive_winner(val_mbs, curve, record["checkpoints"], window)
+    assert scores[tested] >= max(scores.values()) - 1e-12
+    assert listings[5][1] == sorted({f"ckpt_mb_{tested}", "ckpt_mb_20"})  # at 20 every score is final
     assert sorted(os.listdir(models)) == [f"ckpt_mb_{tested}"]
 
 
@@ -479,20 +502,40 @@ def test_bad_flags_are_refused_up_front(shared_root, data_dir, capsys, argv, nam
     assert names in message
 
 
+def test_more_weight_saves_than_minibatches_are_not_refused():
+    """As the original: round(linspace(1, N, n)) may repeat minibatches; each is saved once."""
+    argv = RUN_FLAGS + ["-n_minibatches", "2", "-safe_af_ws_n", "10", "-safe_all_ws_n", "5"]
+    s = deepnet_main.validate(vars(deepnet_main.parser().parse_args(argv)))
+    assert (s["safe_af_ws_n"], s["safe_all_ws_n"], s["n_minibatches"]) == (10, 5, 2)
+    assert task.weight_save_mbs(10, 2) == task.weight_save_mbs(5, 2) == {1, 2}
+
+
 def test_unfit_predefined_af_weights_are_refused(tmp_path, data_dir, capsys):
     root = new_root(tmp_path, data_dir)
     folder = os.path.join(root, "3_output_cifar", "rel", "0_af_weights")
     os.makedirs(folder)
+    layers = ("conv1", "conv2", "conv3", "conv4", "dense5", "dense6")
+    # the original's format: '<network>/<layer>/blend_weights_raw:0' -> list, protocol 3; two weights, 1_relu needs one
     two = os.path.join(folder, "af_weights_two_run_1_mb_5.pkl")
-    save_pickle(two, {"layers": {name: {"blend_weights_raw": np.ones(2, np.float32), "swish_beta": None}
-                                 for name in ("conv1", "conv2", "conv3", "conv4", "dense1", "dense2")}})
+    with open(two, "wb") as handle:
+        pickle.dump({f"smcn/{name}/blend_weights_raw:0": list(np.ones(2, np.float32)) for name in layers}, handle,
+                    protocol=3)
     broken = os.path.join(folder, "af_weights_broken_run_1_mb_7.pkl")
     with open(broken, "wb") as handle:
         handle.write(b"\x80\x04not a pickle")
+    # only the blend weights were trainable where it was written: no swish_beta for a swish set
+    nobeta = os.path.join(folder, "af_weights_nobeta_run_1_mb_9.pkl")
+    with open(nobeta, "wb") as handle:
+        pickle.dump({f"smcn/{name}/blend_weights_raw:0": list(np.full(5, 0.2, np.float32)) for name in layers},
+                    handle, protocol=3)
     message = refusal(root, ["-af_weights_init", "predefined", "-load_af_weights_from", "two"], capsys)
     assert "af_weights_two_run_1_mb_5.pkl" in message and "blend weights" in message
     message = refusal(root, ["-af_weights_init", "predefined", "-load_af_weights_from", "broken"], capsys)
     assert "af_weights_broken_run_1_mb_7.pkl" in message
+    message = refusal(root, ["-af_weights_init", "predefined", "-load_af_weights_from", "nobeta",
+                             "-af_set", "5_blend5_swish"], capsys)
+    assert "af_weights_nobeta_run_1_mb_9.pkl" in message and "swish_beta" in message
+    assert len(message.splitlines()) == 1
 
 
 # ---------------------------------------------------------------- bad input: data files
@@ -525,8 +568,14 @@ BAD_DATA = {  # name: (which file, content: bytes / object / None for missing / 
     "channels first": ("train", _with(images=np.zeros((320, 3, 32, 32), np.float32))),
     "images 28x28": ("test", lambda: dict(_valid(80), images=np.zeros((80, 28, 28, 3), np.float32))),
     "images a list": ("train", _with(images=[[0.0]] * 320)),
-    "images float64": ("train", _with(images=np.zeros((320, 32, 32, 3)))),
-    "images uint8": ("test", lambda: dict(_valid(80), images=np.zeros((80, 32, 32, 3), np.uint8))),
+    # uint8 / float32 / float64 arrays, or lists of such (32, 32, 3) arrays as the original's preprocessing
+    # wrote them, are read (as float32); anything else is refused
+    "images int64": ("train", _with(images=np.zeros((320, 32, 32, 3), np.int64))),
+    "images float16": ("test", lambda: dict(_valid(80), images=np.zeros((80, 32, 32, 3), np.float16))),
+    "images a list of 28x28 arrays": ("train", _with(images=[np.zeros((28, 28, 3), np.float32)] * 320)),
+    "images a list of int32 arrays": ("test", lambda: dict(_valid(80), images=[np.zeros((32, 32, 3), np.int32)] * 80)),
+    "images a list of mixed arrays": ("train", _with(images=[np.zeros((32, 32, 3), np.uint8)] * 319
+                                                     + [np.zeros((32, 32), np.uint8)])),
     "labels short": ("train", _with(labels=np.zeros(319, np.int64))),
     "labels 2-d": ("train", _with(labels=np.zeros((320, 1), np.int64))),
     "labels float": ("train", _with(labels=np.zeros(320))),
@@ -564,6 +613,18 @@ def test_bad_data_files_are_refused_up_front(tmp_path, capsys, case):
     message = refusal(root, [], capsys)
     named = os.path.basename(target) in message or "-minibatch_size" in message
     assert named and message.startswith("error: ") and len(message.splitlines()) == 1, message
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float64])
+def test_uint8_and_float64_image_arrays_are_read_as_float32(tmp_path, dtype):
+    """No longer refused: the original's preprocessing wrote such images; they become float32 exactly."""
+    images = np.random.default_rng(2).integers(0, 256, (40, 32, 32, 3)).astype(dtype)
+    path = os.path.join(str(tmp_path), "set.pkl")
+    save_pickle(path, {"images": images, "labels": np.arange(40) % 10})
+    loaded, labels = task.load_dataset(path, 10)
+    assert loaded.dtype == np.float32 and loaded.shape == (40, 32, 32, 3)
+    np.testing.assert_array_equal(loaded, images.astype(np.float32))
+    np.testing.assert_array_equal(labels, np.arange(40) % 10)
 
 
 def test_missing_data_of_another_task_or_variant_is_refused(shared_root, capsys):
