@@ -259,7 +259,7 @@ def test_original_zca_is_the_epsilon_0_whitening_times_a_half(original_vs_suite)
 def test_zca_epsilon_0_matches_the_original_without_its_null_component(original_vs_suite):
     """Compared: the suite's output (fit_gcn_zca(zca_eps=0) + apply_gcn_zca, what --zca-epsilon 0 runs) against
     the original's unify_dataset applied to its ZCA output with the component along its null direction (the PCA
-    component of singular value ~0) removed, value by value, to 2e-5 absolute (the values are about unit size;
+    component of singular value ~0) removed, value by value, to 2e-5 absolute (unit-variance values up to ~6;
     the suite works in float32)."""
     pca, whitened, out = (original_vs_suite[k] for k in ("pca", "whitened", "out"))
     null = pca.components_[-1]
@@ -281,7 +281,8 @@ def test_null_directions_get_weight_zero(n_train):
     out_train = prep.apply_gcn_zca(train, params).reshape(n_train, -1).astype(np.float64)
     assert abs(out_train.mean()) < 1e-6 and abs(out_train.std() - 1) < 1e-5  # m and d are exact
     z = out_train * params["global_std"]
-    spectrum = np.linalg.eigvalsh(z.T @ z / n_train)  # whitened training covariance: a projector
+    spectrum = np.linalg.eigvalsh(z.T @ z / n_train)  # whitened training covariance: 0 on the null directions
+    # (the kernel of W), identity on the rest
     np.testing.assert_allclose(spectrum[:null_count], 0, atol=1e-5)
     np.testing.assert_allclose(spectrum[null_count:], 1, atol=1e-4)
     gcn_null = params["pixel_std"] / np.linalg.norm(params["pixel_std"])
