@@ -4,6 +4,7 @@
     python deepnet_task_cifar_preprocessing.py --synthetic        # small learnable stand-in data, no download
     python deepnet_task_cifar_preprocessing.py --source ~/cifar-10-python.tar.gz
     python deepnet_task_cifar_preprocessing.py --download --task cifar100
+    python deepnet_task_cifar_preprocessing.py --variant gcn_zca --zca-epsilon 0   # the original's whitening
 
 Layout under ROOT (--root, default ./):
     1_data_<task>/train_batches/    raw training batches: data_batch_1..5 (cifar10) or train (cifar100)
@@ -23,13 +24,43 @@ Variants. x is one image as its D = 32*32*3 = 3072 values in HWC order, n the nu
              2. per-pixel std scaling: p_j = g_j / max(sigma_j, 1e-8), sigma_j the std (ddof 0) of g_j over the
                 training images.
              3. ZCA whitening: mu = mean of p over the training images, C = (1/n) sum (p - mu)(p - mu)^T,
-                C = U diag(s) U^T (eigendecomposition, float64), W = U diag(1/sqrt(max(s, 0) + eps)) U^T with
-                eps = 0.1 (pylearn2's ZCA filter_bias; the features have unit variance after step 2, so the mean
-                eigenvalue is 1 and eps is a tenth of it); z = (p - mu) W.
+                C = U diag(s) U^T (eigendecomposition, float64, s ascending), W = U diag(w) U^T with
+                w_k = 1/sqrt(s_k + E), or w_k = 0 for the null directions (below); z = (p - mu) W.
+                E is --zca-epsilon, default 0.1 (pylearn2's ZCA filter_bias; the features have unit variance
+                after step 2, so the mean eigenvalue is 1 and E is a tenth of it).
              4. global standardisation: out = (z - m) / d, with m and d the mean and std of all values z of the
-                training set. By construction the training z have zero mean in every feature and total variance
-                trace(W C W) = sum_k s_k / (max(s_k, 0) + eps), so m = 0 and d = sqrt(mean_k s_k/(max(s_k,0)+eps))
-                are exact without another pass over the data.
+                training set. The training z have zero mean in every feature, so m = 0, and total variance
+                trace(W C W) = sum_k w_k^2 s_k = sum over the kept k of s_k / (s_k + E) (a null direction adds
+                nothing: weight 0), so d = sqrt((1/D) sum_kept s_k / (s_k + E)); with E = 0 that is
+                d = sqrt((D - number of null directions) / D). Both are exact without another pass over the data.
+
+Null directions. GCN makes every g sum to 0, so every p, training or test, satisfies sum_j sigma_j p_j = 0: the
+data have no extent along v0 = sigma / ||sigma|| and one eigenvalue of C is zero up to rounding. Whitening it
+(1/sqrt(~0), as the original's E = 0 does) turns rounding noise into a feature as large as the real ones. So:
+  - v0 is removed from C exactly before the eigendecomposition (C <- P C P, P = I - v0 v0^T), which changes C only
+    by its rounding error along v0 (of order 1e-9 s_max, from the float32 products that build C) and makes that
+    eigenvalue zero to float64 precision;
+  - an eigenvalue is null if s_k <= D * eps64 * s_max (eps64 = 2.2e-16, the float64 machine epsilon: 6.8e-13 s_max
+    for D = 3072), and the D - min(n - 1, D - 1) smallest are null whatever their computed value (n centred images
+    span at most n - 1 dimensions, none of them v0; this only matters when n <= D);
+  - null directions get weight 0 (W is the pseudo-inverse square root there): out has no component along them.
+For CIFAR (n = 50000 > D) exactly one direction, v0, is null. The params file and the sidecars record zca_eps
+and zca_null_directions; outputs made with another --zca-epsilon are rebuilt (and reported), not reused.
+
+Relation to the original research code (GCN(goodfellow=True), ZCA(epsilon=0.0), unify_dataset):
+  - its GCN divides by the per-image std, ||x - mean(x)|| / sqrt(D), not ||x - mean(x)|| / 55: a factor sqrt(D)/55,
+    the same for every image, which step 2 divides out. For 8-bit images neither floor binds (a non-constant image
+    has ||x - mean(x)|| >= 0.99) and a constant image is 0 in both, so the p of step 2 are the same.
+  - its ZCA divides the PCA scores by the singular values sqrt(n s_k) and multiplies by sqrt(n)/2, i.e. it is the
+    E = 0 whitening times 1/2, a factor step 4 removes; but it keeps v0, whose singular value (zero up to
+    rounding) whitens rounding noise to about unit variance, which also shifts its global mean m. With
+    --zca-epsilon 0 the output here equals the original's, fitted on the same images, once that noise component
+    is removed from its ZCA output (tests/test_preprocessing.py checks this).
+  - its PCA used svd_solver='randomized', an approximation; the eigendecomposition here is exact.
+  - the default E = 0.1 (instead of 0) follows pylearn2 and the maxout paper, whose GCN this variant reproduces:
+    E = 0 scales the weakest directions (the finest pixel-scale detail and noise, eigenvalues far below 1) up
+    to unit variance like the strongest image structure; E = 0.1 damps every direction whose variance is well
+    below a tenth of the average.
 
 Train/test separation: every statistic above (sigma, mu, W, m, d) is fitted on the training images only and applied
 unchanged to the test images. The original research code fitted its ZCA on train and test together, which leaks
@@ -77,7 +108,8 @@ MAX_ARCHIVE_MEMBER_BYTES = 1 << 30
 GCN_SCALE = 55.0
 GCN_MIN_DIVISOR = 1e-8
 PIXEL_STD_FLOOR = 1e-8
-ZCA_EPS = 0.1
+ZCA_EPS = 0.1  # default of --zca-epsilon
+NULL_RTOL_PER_DIMENSION = float(np.finfo(np.float64).eps)  # null: s_k <= D * this * s_max
 CHUNK_IMAGES = 5000  # images per chunk in the array functions: bounds the float temporaries
 
 
@@ -278,25 +310,51 @@ def _gcn_mean_and_covariance(flat, scale, label):
     return mean, covariance / count
 
 
+def _remove_direction(covariance, direction):
+    """P C P with P = I - v v^T for a unit vector v, in place, as the rank-2 update C - v u^T - u v^T with
+    u = C v - (v.C v / 2) v."""
+    product = covariance @ direction
+    update = product - 0.5 * (direction @ product) * direction
+    covariance -= np.outer(direction, update)
+    covariance -= np.outer(update, direction)
+    return covariance
+
+
+def _null_direction_count(eigenvalues, image_count):
+    """How many of the ascending eigenvalues are null: those <= D * eps64 * s_max, and at least the
+    D - min(n - 1, D - 1) smallest (the rank bound; module docstring, "Null directions")."""
+    dim = len(eigenvalues)
+    tolerance = NULL_RTOL_PER_DIMENSION * dim * max(eigenvalues[-1], 0.0)
+    return max(int(np.count_nonzero(eigenvalues <= tolerance)), dim - min(image_count - 1, dim - 1))
+
+
 def fit_gcn_zca(train_images, zca_eps=ZCA_EPS, gcn_scale=GCN_SCALE, progress_label=None):
     """Fit the gcn_zca statistics (module docstring, steps 1-4) on training images only.
 
     Returns the params apply_gcn_zca takes: pixel_mean and pixel_std (mean and std of each GCN'd pixel, so that
-    mu = pixel_mean / pixel_std), zca_matrix W, eigenvalues s, global_mean m, global_std d and the constants.
+    mu = pixel_mean / pixel_std), zca_matrix W, eigenvalues s (ascending), zca_null_directions (how many got
+    weight 0), global_mean m, global_std d and the constants.
     """
-    pixel_mean, covariance_g = _gcn_mean_and_covariance(_flat(train_images), gcn_scale, progress_label)
+    flat = _flat(train_images)
+    pixel_mean, covariance_g = _gcn_mean_and_covariance(flat, gcn_scale, progress_label)
     pixel_std = np.maximum(np.sqrt(np.diag(covariance_g)), PIXEL_STD_FLOOR)
     covariance_p = covariance_g / np.outer(pixel_std, pixel_std)  # covariance of p = g / pixel_std
+    del covariance_g
+    _remove_direction(covariance_p, pixel_std / np.linalg.norm(pixel_std))  # GCN's null direction, exactly
     if progress_label:
         print(f"{progress_label}: eigendecomposition of the {len(pixel_std)}x{len(pixel_std)} covariance",
               file=sys.stderr)
     with threadpool_limits(limits=1, user_api="blas"):  # threaded LAPACK eigh gains little on 2 idle cores but
         eigenvalues, eigenvectors = np.linalg.eigh(covariance_p)  # was 4x slower when other processes are busy
-    shrunk = np.maximum(eigenvalues, 0.0) + zca_eps
-    zca_matrix = (eigenvectors / np.sqrt(shrunk)) @ eigenvectors.T
-    global_std = np.sqrt(max(np.mean(eigenvalues / shrunk), 0.0))
+    null_count = _null_direction_count(eigenvalues, len(flat))
+    kept = eigenvalues[null_count:]
+    weights = np.zeros_like(eigenvalues)
+    weights[null_count:] = 1.0 / np.sqrt(kept + zca_eps)
+    zca_matrix = (eigenvectors * weights) @ eigenvectors.T
+    global_std = np.sqrt(np.sum(kept / (kept + zca_eps)) / len(eigenvalues))
     return {"gcn_scale": float(gcn_scale), "gcn_min_divisor": GCN_MIN_DIVISOR, "pixel_std_floor": PIXEL_STD_FLOOR,
-            "zca_eps": float(zca_eps), "pixel_mean": pixel_mean, "pixel_std": pixel_std,
+            "zca_eps": float(zca_eps), "zca_null_rtol": NULL_RTOL_PER_DIMENSION * len(eigenvalues),
+            "zca_null_directions": null_count, "pixel_mean": pixel_mean, "pixel_std": pixel_std,
             "zca_matrix": zca_matrix, "eigenvalues": eigenvalues, "global_mean": 0.0,
             "global_std": float(max(global_std, PIXEL_STD_FLOOR))}
 
@@ -328,38 +386,45 @@ def _output_files(root, task, variant):
     return pickles + extra + [sidecar_path(p) for p in pickles]
 
 
-def _output_state(root, task, variant, md5s):
-    """'current', 'missing' (some file absent or unreadable) or 'stale' (made from other raw files)."""
+def _output_state(root, task, variant, md5s, zca_eps):
+    """(state, why): 'current', 'missing' (some file absent or unreadable) or 'stale' (made from other raw files
+    or, for gcn_zca, with another --zca-epsilon), and why it is stale."""
     files = _output_files(root, task, variant)
     if not all(os.path.isfile(path) for path in files):
-        return "missing"
+        return "missing", ""
     for path in files:
         if path.endswith(".json"):
             try:
                 with open(path) as handle:
                     sidecar = json.load(handle)
             except (OSError, ValueError):
-                return "missing"
+                return "missing", ""
             if not isinstance(sidecar, dict) or sidecar.get("source_md5") != md5s:
-                return "stale"
-    return "current"
+                return "stale", "its outputs were made from other raw files"
+            parameters = sidecar.get("parameters")
+            made_with = parameters.get("zca_eps") if isinstance(parameters, dict) else None
+            if variant == "gcn_zca" and made_with is None:
+                return "stale", f"its outputs do not record their --zca-epsilon (this run uses {zca_eps})"
+            if variant == "gcn_zca" and made_with != zca_eps:
+                return "stale", f"its outputs were made with --zca-epsilon {made_with}, not {zca_eps}"
+    return "current", ""
 
 
-def _plan_task(root, task, variants, force):
+def _plan_task(root, task, variants, force, zca_eps=ZCA_EPS):
     """Decide which variants to (re)build, report the kept ones, and read+validate the raw data if needed."""
     md5s = raw_md5s(root, task)
     todo = []
     for variant in variants:
-        state = "missing" if force else _output_state(root, task, variant, md5s)
+        state, why = ("missing", "") if force else _output_state(root, task, variant, md5s, zca_eps)
         if state == "current":
             print(f"kept {task} {variant}: {os.path.dirname(output_paths(root, task, variant)[0])} and its test set "
                   "exist (--force rebuilds)")
             continue
         if state == "stale":
-            print(f"rebuilding {task} {variant}: its outputs were made from other raw files")
+            print(f"rebuilding {task} {variant}: {why}")
         todo.append(variant)
     raw = _read_raw_files(*raw_paths(root, task), task) if todo else None
-    return {"root": root, "task": task, "variants": todo, "raw": raw, "md5s": md5s}
+    return {"root": root, "task": task, "variants": todo, "raw": raw, "md5s": md5s, "zca_eps": zca_eps}
 
 
 def _save_split(path, images, labels):
@@ -402,7 +467,8 @@ def _build_variant(plan, variant):
         if os.path.exists(sidecar_path(path)):
             os.unlink(sidecar_path(path))
     label = f"{task} {variant}"
-    params = fit_gcn_zca(raw["train_images"], progress_label=f"{label} fit") if variant == "gcn_zca" else None
+    params = (fit_gcn_zca(raw["train_images"], zca_eps=plan["zca_eps"], progress_label=f"{label} fit")
+              if variant == "gcn_zca" else None)
     written = [_save_split(train_pkl, _transform(variant, raw["train_images"], params, f"{label} train"),
                            raw["train_labels"]),
                _save_split(test_pkl, _transform(variant, raw["test_images"], params, f"{label} test"),
@@ -446,14 +512,14 @@ def _check_task(task):
         raise UserError(f"--task {task}: unknown (choose from {', '.join(TASKS)}, all)")
 
 
-def preprocess_task(root, task, variants, force=False):
+def preprocess_task(root, task, variants, force=False, zca_eps=ZCA_EPS):
     """Write the given variants ('all', a name or a list) of one task from its raw batches; returns written paths.
 
-    Existing complete outputs made from the same raw files are kept unless force. All raw files are validated
-    before anything is written.
+    Existing complete outputs made from the same raw files (and, for gcn_zca, with the same zca_eps) are kept
+    unless force. All raw files are validated before anything is written.
     """
     _check_task(task)
-    return _write_plan(_plan_task(root, task, _variant_list(variants), force))
+    return _write_plan(_plan_task(root, task, _variant_list(variants), force, zca_eps))
 
 
 # ---------------------------------------------------------------- synthetic raw data
@@ -643,6 +709,9 @@ def parse_args(argv):
     parser.add_argument("--synthetic-test", type=int, default=None, metavar="N",
                         help="test images of --synthetic (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic")
+    parser.add_argument("--zca-epsilon", type=float, default=None, metavar="E",
+                        help=f"gcn_zca: E added to the covariance eigenvalues before whitening (default {ZCA_EPS}; "
+                        "0 whitens as the original code did, without its noise along GCN's null direction)")
     parser.add_argument("--force", action="store_true", help="rebuild existing outputs; with --synthetic or "
                         "--download also replace existing raw data")
     return parser.parse_args(argv)
@@ -656,6 +725,11 @@ def _check_flags(args):
             raise UserError(f"{flag} needs --synthetic")
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
+    if args.zca_epsilon is not None:
+        if not (np.isfinite(args.zca_epsilon) and args.zca_epsilon >= 0):
+            raise UserError(f"--zca-epsilon {args.zca_epsilon}: must be a finite number >= 0")
+        if "gcn_zca" not in _variant_list(args.variant):
+            raise UserError(f"--zca-epsilon applies to the gcn_zca variant only (--variant is {args.variant})")
     if os.path.exists(args.root) and not os.path.isdir(args.root):
         raise UserError(f"--root {args.root}: not a folder")
 
@@ -693,7 +767,8 @@ def main(argv=None):
                 raise UserError(f"--task {task}: no raw data in {raw_dirs(args.root, task)[0]} ({hint})")
             print(f"skip {task}: no raw data in {raw_dirs(args.root, task)[0]} ({hint})")
             continue
-        plans.append(_plan_task(args.root, task, variants, args.force))
+        zca_eps = ZCA_EPS if args.zca_epsilon is None else args.zca_epsilon
+        plans.append(_plan_task(args.root, task, variants, args.force, zca_eps))
     if not plans:
         raise UserError(f"--root {args.root}: no raw CIFAR data found (use --source PATH, --download or --synthetic)")
     for plan in plans:

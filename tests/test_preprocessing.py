@@ -126,7 +126,8 @@ def test_ztrans_matches_a_per_image_loop():
 
 
 def reference_gcn_zca(train, test, scale=55.0, eps=0.1):
-    """Steps 1-4 of the module docstring, written out in float64 with loops, np.cov and scipy's eigh."""
+    """Steps 1-4 of the module docstring, written out in float64 with loops, np.cov and scipy's eigh; null
+    directions by the tolerance alone (float64 np.cov resolves them without the suite's projection)."""
     def gcn(images):
         rows = []
         for values in images.reshape(len(images), -1).astype(np.float64):
@@ -138,7 +139,8 @@ def reference_gcn_zca(train, test, scale=55.0, eps=0.1):
     p_train, p_test = g_train / sigma, g_test / sigma
     mu = p_train.mean(axis=0)
     s, u = scipy.linalg.eigh(np.cov(p_train, rowvar=False, bias=True))
-    w = u @ np.diag(1 / np.sqrt(np.clip(s, 0, None) + eps)) @ u.T
+    kept = s > len(s) * np.finfo(np.float64).eps * s.max()
+    w = u[:, kept] @ np.diag(1 / np.sqrt(s[kept] + eps)) @ u[:, kept].T
     z_train, z_test = (p_train - mu) @ w, (p_test - mu) @ w
     m, d = z_train.mean(), z_train.std()
     return (z_train - m) / d, (z_test - m) / d
@@ -153,6 +155,7 @@ def test_gcn_zca_matches_an_explicit_reference(n_train):
     params = prep.fit_gcn_zca(train)
     out_train, out_test = prep.apply_gcn_zca(train, params), prep.apply_gcn_zca(test, params)
     ref_train, ref_test = reference_gcn_zca(train, test)
+    assert params["zca_null_directions"] == 192 - min(n_train - 1, 191)  # rank of the centred, GCN'd images
     assert out_train.dtype == np.float32 and out_train.shape == train.shape
     np.testing.assert_allclose(out_train.reshape(n_train, -1), ref_train, atol=1e-4)
     np.testing.assert_allclose(out_test.reshape(30, -1), ref_test, atol=1e-4)
@@ -169,6 +172,122 @@ def test_fitted_params_depend_on_training_images_only():
     for key in kept:
         np.testing.assert_array_equal(params[key], kept[key])
         np.testing.assert_allclose(again[key], kept[key], rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------- gcn_zca against the original research code
+
+def original_gcn(dataset, s=1., lmda=0., epsilon=1.0e-8, goodfellow=False):
+    """The original's GCN, transcribed (its per-pixel loop over a hard-coded (32, 32, 3) written as one std over
+    axis 0, so that it takes any image shape)."""
+    out_set = []
+    for i in range(dataset.shape[0]):
+        X = np.squeeze(dataset[i, :, :, :])
+        X = X - np.mean(X)
+        contrast = np.sqrt(lmda + np.mean(X ** 2))
+        out_set.append(X / max(contrast, epsilon))
+    out_set = np.array(out_set)
+    if goodfellow:
+        out_set = out_set * np.expand_dims(1. / np.std(out_set, axis=0), 0)
+    return out_set
+
+
+def original_zca(dataset, epsilon=0.0):
+    """The original's ZCA, transcribed; also returns the fitted PCA. Two changes: n_components is the number of
+    values per image (3072 there), and svd_solver='full' (exact) where the original used 'randomized' (an
+    approximation), so that both sides are exact fits of the same images."""
+    from sklearn.decomposition import PCA
+    pca = PCA(n_components=np.prod(dataset.shape[1:]), random_state=0, svd_solver='full')
+    dataset_flattened = np.reshape(dataset, (np.shape(dataset)[0], -1))
+    pca.fit(dataset_flattened)
+    out_set = []
+    for i in range(dataset.shape[0]):
+        vec = dataset_flattened[i]
+        dot = np.dot(vec - pca.mean_, pca.components_.T)
+        whitened = np.dot(dot / (pca.singular_values_ + epsilon), pca.components_) * np.sqrt(dataset.shape[0]) * 0.5
+        out_set.append(whitened.reshape(dataset.shape[1:]))
+    return np.array(out_set), pca
+
+
+def original_unify(dataset):
+    """The original's unify_dataset, transcribed."""
+    return (dataset - np.mean(dataset)) / np.std(dataset)
+
+
+@pytest.fixture(scope="module")
+def original_vs_suite():
+    """400 random 8x8x3 images (one constant), run through the transcribed original (GCN goodfellow, ZCA with
+    epsilon 0) and through the suite with zca_eps=0, both fitted on these images only (the original fitted on
+    train+test together; here both sides see the same set)."""
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 256, (1, 8, 8, 3)).astype(np.float64)
+    train = np.clip(base + rng.normal(0, 40, (400, 8, 8, 3)), 0, 255).astype(np.uint8)
+    train[7] = 128  # constant image: 0 after GCN in both codes
+    params = prep.fit_gcn_zca(train, zca_eps=0.0)
+    p_original = original_gcn(train.astype(np.float64), goodfellow=True)
+    whitened, pca = original_zca(p_original, epsilon=0.0)
+    return {"train": train, "params": params, "p_original": p_original, "whitened": whitened.reshape(400, -1),
+            "pca": pca, "out": prep.apply_gcn_zca(train, params).reshape(400, -1).astype(np.float64),
+            "null": params["pixel_std"] / np.linalg.norm(params["pixel_std"])}
+
+
+def test_original_gcn_and_the_suite_agree_after_pixel_std_scaling(original_vs_suite):
+    train, params, p_original = (original_vs_suite[k] for k in ("train", "params", "p_original"))
+    flat = train.reshape(len(train), -1)
+    g_suite = prep._gcn(flat, prep.GCN_SCALE, prep.GCN_MIN_DIVISOR).astype(np.float64)
+    g_original = original_gcn(train.astype(np.float64)).reshape(len(train), -1)
+    # step 1 differs by the factor sqrt(D)/55, the same for every image (the constant image is 0 in both) ...
+    np.testing.assert_allclose(g_original, g_suite * np.sqrt(flat.shape[1]) / 55, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(g_original, g_suite, rtol=1e-3)
+    # ... which the per-pixel std of step 2 divides out: the p are the same numbers (float32 rounding here)
+    np.testing.assert_allclose(g_suite / params["pixel_std"], p_original.reshape(len(train), -1), rtol=0, atol=2e-5)
+
+
+def test_original_zca_is_the_epsilon_0_whitening_times_a_half(original_vs_suite):
+    params, pca, whitened, out, null = (original_vs_suite[k] for k in ("params", "pca", "whitened", "out", "null"))
+    singular, components = pca.singular_values_, pca.components_
+    # its singular values are sqrt(n s_k): 1/(singular value + 0) = 1/sqrt(s_k) / sqrt(n), and it multiplies by
+    # sqrt(n)/2; its last component is GCN's null direction, singular value zero up to rounding
+    np.testing.assert_allclose(singular[:-1] ** 2 / 400, params["eigenvalues"][:0:-1], rtol=1e-5)
+    assert singular[-1] < 1e-12 * singular[0] and abs(components[-1] @ null) > 1 - 1e-9
+    # so on the other 191 directions its ZCA output is half the suite's z = out * d (m = 0) ...
+    kept_part = whitened - np.outer(whitened @ components[-1], components[-1])
+    np.testing.assert_allclose(kept_part, 0.5 * out * params["global_std"], rtol=0, atol=1e-5)
+    # ... and along the null direction it carries rounding noise whitened to about unit variance
+    assert (2 * whitened @ components[-1]).std() > 0.1 and np.abs(out @ null).max() < 1e-5
+
+
+def test_zca_epsilon_0_matches_the_original_without_its_null_component(original_vs_suite):
+    """Compared: the suite's output (fit_gcn_zca(zca_eps=0) + apply_gcn_zca, what --zca-epsilon 0 runs) against
+    the original's unify_dataset applied to its ZCA output with the component along its null direction (the PCA
+    component of singular value ~0) removed, value by value, to 2e-5 absolute (unit-variance values up to ~6;
+    the suite works in float32)."""
+    pca, whitened, out = (original_vs_suite[k] for k in ("pca", "whitened", "out"))
+    null = pca.components_[-1]
+    expected = original_unify(whitened - np.outer(whitened @ null, null))
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5)
+    assert np.abs(out - original_unify(whitened)).max() > 1e-2  # the original as is: its noise shifts and scales
+
+
+@pytest.mark.parametrize("n_train", [300, 100])  # more and fewer images than the 192 features
+def test_null_directions_get_weight_zero(n_train):
+    rng = np.random.default_rng(n_train)
+    base = rng.integers(0, 256, (1, 8, 8, 3)).astype(np.float64)
+    train = np.clip(base + rng.normal(0, 40, (n_train, 8, 8, 3)), 0, 255).astype(np.uint8)
+    test = np.clip(base + rng.normal(0, 40, (50, 8, 8, 3)), 0, 255).astype(np.uint8)
+    params = prep.fit_gcn_zca(train, zca_eps=0.0)
+    null_count = 192 - min(n_train - 1, 191)  # GCN's direction, plus the rank deficit when n_train <= 192
+    assert params["zca_null_directions"] == null_count
+    assert params["global_std"] == pytest.approx(np.sqrt((192 - null_count) / 192), rel=1e-12)
+    out_train = prep.apply_gcn_zca(train, params).reshape(n_train, -1).astype(np.float64)
+    assert abs(out_train.mean()) < 1e-6 and abs(out_train.std() - 1) < 1e-5  # m and d are exact
+    z = out_train * params["global_std"]
+    spectrum = np.linalg.eigvalsh(z.T @ z / n_train)  # whitened training covariance: 0 on the null directions
+    # (the kernel of W), identity on the rest
+    np.testing.assert_allclose(spectrum[:null_count], 0, atol=1e-5)
+    np.testing.assert_allclose(spectrum[null_count:], 1, atol=1e-4)
+    gcn_null = params["pixel_std"] / np.linalg.norm(params["pixel_std"])
+    assert np.abs(params["zca_matrix"] @ gcn_null).max() < 1e-9
+    assert np.abs(prep.apply_gcn_zca(test, params).reshape(50, -1) @ gcn_null).max() < 1e-5
 
 
 # ---------------------------------------------------------------- layout round trip through the CLI
@@ -596,3 +715,60 @@ def test_existing_outputs_are_kept_unless_forced_or_stale(tmp_path, capsys):
     capsys.readouterr()
     assert sorted(prep.preprocess_task(root, "cifar10", ["none"])) == sorted(first)
     assert "rebuilding cifar10 none" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- --zca-epsilon
+
+@pytest.mark.parametrize("value,fragment", [("-0.1", "must be a finite number >= 0"), ("nan", "finite"),
+                                            ("inf", "finite"), ("1e999", "finite"), ("abc", "invalid float"),
+                                            ("0 --variant ztrans", "gcn_zca variant only")])
+def test_bad_zca_epsilon_fails_with_one_line_and_writes_nothing(tmp_path, capsys, value, fragment):
+    args = ["--synthetic", "--synthetic-train", "5", "--synthetic-test", "2", "--root", str(tmp_path)]
+    assert run_main(args + ["--zca-epsilon"] + value.split()) == 2
+    assert_one_error_line(capsys.readouterr().err, "--zca-epsilon", fragment)
+    assert files_under(str(tmp_path)) == {}
+
+
+@pytest.fixture(scope="module")
+def zca_half_root(tmp_path_factory):
+    """Synthetic CIFAR-10 (40 training images) preprocessed by `--variant gcn_zca --zca-epsilon 0.5`."""
+    root = str(tmp_path_factory.mktemp("zca_half"))
+    prep.write_synthetic_raw(root, "cifar10", n_train=40, n_test=10, seed=2)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert run_main(["--root", root, "--variant", "gcn_zca", "--zca-epsilon", "0.5"]) == 0
+    return root
+
+
+def test_sidecars_and_params_record_the_zca_epsilon(zca_half_root):
+    folder = os.path.join(zca_half_root, "1_data_cifar10")
+    for split in ("train", "test"):
+        with open(os.path.join(folder, f"{split}_set_gcn_zca", f"cifar10_{split}set.json")) as handle:
+            parameters = json.load(handle)["parameters"]
+        assert parameters["zca_eps"] == 0.5
+        assert parameters["zca_null_directions"] == 3072 - 39  # 40 centred images span 39 dimensions
+        assert parameters["zca_null_rtol"] == 3072 * np.finfo(np.float64).eps
+    with np.load(os.path.join(folder, "train_set_gcn_zca", "cifar10_gcn_zca_params.npz")) as saved:
+        params = dict(saved)
+    assert params["zca_eps"] == 0.5 and params["zca_null_directions"] == 3033
+    # W = U diag(w) U^T with w = 0 on the 3033 null directions and 1/sqrt(s + 0.5) on the others
+    weights = 1 / np.sqrt(params["eigenvalues"][3033:] + 0.5)
+    assert np.trace(params["zca_matrix"]) == pytest.approx(weights.sum(), rel=1e-9)
+    assert np.sum(params["zca_matrix"] ** 2) == pytest.approx(np.sum(weights ** 2), rel=1e-9)
+
+
+def test_outputs_made_with_another_zca_epsilon_are_rebuilt(zca_half_root, tmp_path, capsys):
+    shutil.copytree(os.path.join(zca_half_root, "1_data_cifar10"), tmp_path / "1_data_cifar10")
+    sidecar = tmp_path / "1_data_cifar10" / "train_set_gcn_zca" / "cifar10_trainset.json"
+    capsys.readouterr()
+    assert run_main(["--root", str(tmp_path), "--variant", "gcn_zca"]) == 0  # the default, 0.1
+    out = capsys.readouterr().out
+    assert "rebuilding cifar10 gcn_zca: its outputs were made with --zca-epsilon 0.5, not 0.1" in out
+    assert "wrote cifar10 gcn_zca" in out and json.loads(sidecar.read_text())["parameters"]["zca_eps"] == 0.1
+    assert run_main(["--root", str(tmp_path), "--variant", "gcn_zca", "--zca-epsilon", "0.1"]) == 0
+    assert "kept cifar10 gcn_zca" in capsys.readouterr().out
+    recorded = json.loads(sidecar.read_text())
+    del recorded["parameters"]["zca_eps"]  # as if written without it: not taken as current either
+    sidecar.write_text(json.dumps(recorded))
+    md5s = prep.raw_md5s(str(tmp_path), "cifar10")
+    assert prep._output_state(str(tmp_path), "cifar10", "gcn_zca", md5s, 0.1) == (
+        "stale", "its outputs do not record their --zca-epsilon (this run uses 0.1)")
