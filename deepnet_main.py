@@ -54,7 +54,8 @@ FLAGS = [
     ("lr_lin_min", float, 0.0004, "linear: final learning rate"),
     ("lr_lin_steps", int, 60000, "linear: minibatches to reach lr_lin_min"),
     ("lr_step_ep", int, [200, 250, 300], "step: epochs from which the rate is multiplied", "+"),
-    ("lr_step_multi", float, [0.1, 0.01, 0.001], "step: lr times the i-th multiplier from the i-th epoch on (absolute)", "+"),
+    ("lr_step_multi", float, [0.1, 0.01, 0.001], "step: lr times the i-th multiplier from the i-th boundary on "
+     "(absolute)", "+"),
     ("use_wd", boolean, False, "L2 weight decay on conv and dense weights"),
     ("wd_lambda", float, 0.01, "weight-decay factor (times sum of w^2 / 2)"),
     ("create_val_set", boolean, True, "hold out a validation set (else: validate on test, no early stopping)"),

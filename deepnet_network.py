@@ -363,16 +363,24 @@ def _batch_norm(x, training, name):
 
 SUMMARIES = "train_summaries"  # evaluated every SUMMARY_EVERY minibatches on the training minibatch
 PRE_UPDATE_READS = "pre_update_reads"  # variable values the summaries show; the update waits for them
+HISTOGRAM_IMAGES = 32  # activation histograms sample this many images: a full minibatch costs ~4 steps
 
 
-def variable_summaries(tensor, tag):
+def variable_summaries(tensor, tag, histogram_of=None):
     """mean, stddev, max and min scalars and a histogram of a tensor (the original's variable_summaries),
-    tagged '<tag>/mean' ... '<tag>/histogram'."""
+    tagged '<tag>/mean' ... '<tag>/histogram'; the histogram shows histogram_of if given."""
     mean = tf.reduce_mean(tensor)
     for name, value in (("mean", mean), ("stddev", tf.sqrt(tf.reduce_mean(tf.square(tensor - mean)))),
                         ("max", tf.reduce_max(tensor)), ("min", tf.reduce_min(tensor))):
         tf.add_to_collection(SUMMARIES, tf.raw_ops.ScalarSummary(tags=f"{tag}/{name}", values=value))
-    tf.add_to_collection(SUMMARIES, tf.raw_ops.HistogramSummary(tag=f"{tag}/histogram", values=tensor))
+    tf.add_to_collection(SUMMARIES, tf.raw_ops.HistogramSummary(
+        tag=f"{tag}/histogram", values=tensor if histogram_of is None else histogram_of))
+
+
+def _activation_summaries(tensor, label):
+    """Summaries of a layer's (pre-)activations: scalars over the minibatch, the histogram over its
+    first HISTOGRAM_IMAGES images."""
+    variable_summaries(tensor, _scoped(label), histogram_of=tensor[:HISTOGRAM_IMAGES])
 
 
 def _scoped(label):
@@ -394,7 +402,7 @@ ActivationVars = namedtuple("ActivationVars", "raw effective beta")
 def _activation_layer(preact, settings, af_init, training, use_bn):
     """Create this layer's blend weights (and beta) and apply the blended activation."""
     names = parse_af_set(settings["af_set"])
-    variable_summaries(preact, _scoped("preact"))
+    _activation_summaries(preact, "preact")
     raw = tf.get_variable("blend_weights_raw", initializer=tf.constant(af_init["blend_weights"], tf.float32),
                           trainable=settings["blend_trainable"])
     _summarise_variable(raw, "blend_weights")
@@ -408,11 +416,11 @@ def _activation_layer(preact, settings, af_init, training, use_bn):
         transform = lambda c, i: _batch_norm(c, training, f"bn_component{i + 1}")  # noqa: E731
     out = activation(preact, settings["af_set"], raw, 1.0 if beta is None else beta[0],
                      settings["blend_mode"], component_transform=transform)
-    variable_summaries(out, _scoped("activation"))
+    _activation_summaries(out, "activation")
     return out, ActivationVars(raw, effective_weights(raw, settings["blend_mode"]), beta)
 
 
-def _weighted_layer(x, kind, width, name, seed, first):
+def _weighted_layer(x, kind, width, seed, first):
     """conv (width = (kernel, channels)) or dense (width = units) with its weights, biases and summaries."""
     if kind == "conv":
         k, c_in, c_out = width[0], int(x.shape[-1]), width[1]
@@ -463,7 +471,7 @@ def inference(inputs, settings, af_init=None):
             weighted += 1
             width = settings["n_classes"] if kind == "logits" else layer[1] if kind == "dense" else layer[1:]
             with tf.variable_scope(name):
-                x = _weighted_layer(x, "conv" if kind == "conv" else "dense", width, name, weighted, weighted == 1)
+                x = _weighted_layer(x, "conv" if kind == "conv" else "dense", width, weighted, weighted == 1)
                 if kind == "logits":
                     break
                 if use_bn:
@@ -532,7 +540,7 @@ def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
 
 # ---------------------------------------------------------------- AF weights: initialisation and files
 
-AF_VARIABLE = re.compile(r"(.+)/(blend_weights_raw|blend_weights|swish_beta):0")
+AF_VARIABLE = re.compile(r".+/(blend_weights_raw|swish_beta):0")
 
 
 def default_af_init(network, af_set):

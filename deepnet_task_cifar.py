@@ -246,7 +246,8 @@ def new_recorder(s, mbs_per_epoch):
     record.update(experiment_name=s["experiment_name"], spec_name=s["spec_name"], run=s["run"],
                   settings=dict(s), mbs_per_epoch=mbs_per_epoch, mb_count_total=0, ep_count_total=0,
                   early_stopping_mb=None, test_loss=None, test_xentropy=None, test_top1=None, test_top5=None,
-                  test_apc=None, test_af_weights=None, training_completed=False, test_completed=False, diverged=False, diverged_at_mb=None)
+                  test_apc=None, test_af_weights=None, training_completed=False, test_completed=False,
+                  diverged=False, diverged_at_mb=None)
     return record
 
 

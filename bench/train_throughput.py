@@ -106,7 +106,7 @@ class Runner:
 
 def measure_loop_efficiency(settings, steps, reps=3):
     """Images/s of the suite's training loop (Trainer._train, validation, checkpoints and weight
-    saving switched off, summaries every -val_every steps as in a real run) over images/s of a bare
+    saving switched off, TensorBoard summaries every 20 steps as in a real run) over images/s of a bare
     sess.run(train_op) loop with one fixed feed, on the same graph and session, alternating; medians."""
     import tempfile
     import deepnet_main

@@ -521,7 +521,8 @@ def test_printed_summary_table_and_report_path_last(analysed):
     assert "(reference)" in rows["relu"]
     assert f"{100 * (statistics.fmean([0.74, 0.73, 0.76]) - statistics.fmean(ref)):+.2f}" in rows["ABU"]
     assert lines[-3] == f"tables, plots and summaries: {os.path.join(exp, '0_analysis')}"
-    assert lines[-2] == f"TensorBoard (curves, histograms, HParams): tensorboard --logdir {os.path.join(exp, '0_summaries')}"
+    assert lines[-2] == ("TensorBoard (curves, histograms, HParams): tensorboard --logdir "
+                         f"{os.path.join(exp, '0_summaries')}")
     assert lines[-1] == f"report: {os.path.join(exp, '0_analysis', 'report.html')}"
     assert result["report"] == os.path.join(exp, "0_analysis", "report.html")
 

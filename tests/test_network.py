@@ -830,6 +830,23 @@ def test_summaries_are_the_originals_statistics_of_the_values_before_the_update(
     assert {"objective/top1", "objective/top5"} <= set(scalars)
 
 
+def test_activation_histograms_sample_the_first_images_and_scalars_cover_the_minibatch():
+    n = dn.HISTOGRAM_IMAGES + 8
+    settings = make_settings(network="smcnLin", af_set="1_relu", blend_trainable=False)
+    with session_for(settings) as (model, sess):
+        feed = {model.inputs.images: images(n), model.inputs.labels: np.arange(n) % 10}
+        activation = sess.run(model.endpoints.activations["conv1"], feed)
+        summary = tf.Summary.FromString(sess.run(model.summaries, feed))
+    values = {v.tag: v for v in summary.value}
+    histogram = values["smcnLin/conv1/activation/histogram"].histo
+    sample = activation[:dn.HISTOGRAM_IMAGES].astype(np.float64)
+    assert histogram.num == sample.size and histogram.sum == pytest.approx(sample.sum(), rel=1e-4)
+    assert histogram.max == pytest.approx(sample.max(), rel=1e-6)
+    assert values["smcnLin/conv1/activation/mean"].simple_value == pytest.approx(activation.mean(), rel=1e-5)
+    assert values["smcnLin/conv1/activation/max"].simple_value == pytest.approx(activation.max(), rel=1e-6)
+    assert values["smcnLin/conv2/weights/histogram"].histo.num == 3 * 3 * 64 * 64  # variables: whole
+
+
 # ---------------------------------------------------------------- batch norm state
 
 def test_batch_norm_training_vs_inference_and_moving_averages():
