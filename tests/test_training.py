@@ -524,3 +524,13 @@ def test_tensorboard_summaries_every_20_minibatches_and_a_start_marker_on_resume
     assert {f"smcnLin/conv1/weights/gradient/{stat}" for stat in ("mean", "histogram")} <= tags
     assert {"objective/top1", "objective/top5"} <= tags
     assert sorted(starts) == [19, 38]  # one marker per resumed session, at the minibatch it resumed from
+
+
+def test_create_checkpoints_false_keeps_the_checkpoints_and_ignores_the_walltime(tiny_root):
+    """As in the original: the flag only stops a run from ending early for -walltime."""
+    s = run_settings(tiny_root, n_minibatches=40, walltime=1e-4, create_checkpoints=False)
+    lines = []
+    assert train(s, lines) == 0
+    record = record_of(s)
+    assert record["test_completed"] and record["checkpoints"] == [0, 19, 38, 40]
+    assert not any("stopping at minibatch" in line for line in lines)
