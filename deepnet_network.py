@@ -363,24 +363,22 @@ def _batch_norm(x, training, name):
 
 SUMMARIES = "train_summaries"  # evaluated every SUMMARY_EVERY minibatches on the training minibatch
 PRE_UPDATE_READS = "pre_update_reads"  # variable values the summaries show; the update waits for them
-HISTOGRAM_IMAGES = 32  # activation histograms sample this many images: a full minibatch costs ~4 steps
+SUMMARY_IMAGES = 32  # activation summaries sample this many images: a whole minibatch costs ~4 steps
 
 
-def variable_summaries(tensor, tag, histogram_of=None):
+def variable_summaries(tensor, tag):
     """mean, stddev, max and min scalars and a histogram of a tensor (the original's variable_summaries),
-    tagged '<tag>/mean' ... '<tag>/histogram'; the histogram shows histogram_of if given."""
+    tagged '<tag>/mean' ... '<tag>/histogram'."""
     mean = tf.reduce_mean(tensor)
     for name, value in (("mean", mean), ("stddev", tf.sqrt(tf.reduce_mean(tf.square(tensor - mean)))),
                         ("max", tf.reduce_max(tensor)), ("min", tf.reduce_min(tensor))):
         tf.add_to_collection(SUMMARIES, tf.raw_ops.ScalarSummary(tags=f"{tag}/{name}", values=value))
-    tf.add_to_collection(SUMMARIES, tf.raw_ops.HistogramSummary(
-        tag=f"{tag}/histogram", values=tensor if histogram_of is None else histogram_of))
+    tf.add_to_collection(SUMMARIES, tf.raw_ops.HistogramSummary(tag=f"{tag}/histogram", values=tensor))
 
 
 def _activation_summaries(tensor, label):
-    """Summaries of a layer's (pre-)activations: scalars over the minibatch, the histogram over its
-    first HISTOGRAM_IMAGES images."""
-    variable_summaries(tensor, _scoped(label), histogram_of=tensor[:HISTOGRAM_IMAGES])
+    """Summaries of a layer's (pre-)activations over the first SUMMARY_IMAGES images of the minibatch."""
+    variable_summaries(tensor[:SUMMARY_IMAGES], _scoped(label))
 
 
 def _scoped(label):

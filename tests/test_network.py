@@ -830,8 +830,8 @@ def test_summaries_are_the_originals_statistics_of_the_values_before_the_update(
     assert {"objective/top1", "objective/top5"} <= set(scalars)
 
 
-def test_activation_histograms_sample_the_first_images_and_scalars_cover_the_minibatch():
-    n = dn.HISTOGRAM_IMAGES + 8
+def test_activation_summaries_sample_the_first_images_and_variables_are_whole():
+    n = dn.SUMMARY_IMAGES + 8
     settings = make_settings(network="smcnLin", af_set="1_relu", blend_trainable=False)
     with session_for(settings) as (model, sess):
         feed = {model.inputs.images: images(n), model.inputs.labels: np.arange(n) % 10}
@@ -839,11 +839,12 @@ def test_activation_histograms_sample_the_first_images_and_scalars_cover_the_min
         summary = tf.Summary.FromString(sess.run(model.summaries, feed))
     values = {v.tag: v for v in summary.value}
     histogram = values["smcnLin/conv1/activation/histogram"].histo
-    sample = activation[:dn.HISTOGRAM_IMAGES].astype(np.float64)
+    sample = activation[:dn.SUMMARY_IMAGES].astype(np.float64)
     assert histogram.num == sample.size and histogram.sum == pytest.approx(sample.sum(), rel=1e-4)
-    assert histogram.max == pytest.approx(sample.max(), rel=1e-6)
-    assert values["smcnLin/conv1/activation/mean"].simple_value == pytest.approx(activation.mean(), rel=1e-5)
-    assert values["smcnLin/conv1/activation/max"].simple_value == pytest.approx(activation.max(), rel=1e-6)
+    assert values["smcnLin/conv1/activation/mean"].simple_value == pytest.approx(sample.mean(), rel=1e-5)
+    assert values["smcnLin/conv1/activation/stddev"].simple_value == pytest.approx(sample.std(), rel=1e-5)
+    assert values["smcnLin/conv1/activation/max"].simple_value == pytest.approx(sample.max(), rel=1e-6)
+    assert sample.mean() != pytest.approx(activation.astype(np.float64).mean(), rel=1e-5)  # a real sample
     assert values["smcnLin/conv2/weights/histogram"].histo.num == 3 * 3 * 64 * 64  # variables: whole
 
 
