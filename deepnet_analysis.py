@@ -137,12 +137,6 @@ def first_settings(exp_dir, spec):
     return None
 
 
-def load_run(exp_dir, spec, run):
-    """(recorder, None) for a complete run, else (None, reason)."""
-    record, _, reason = check_run(exp_dir, spec, run)
-    return record, reason
-
-
 def tested_mb(record):
     """The minibatch of the tested model: early_stopping_mb, else the last test_mb_n_hist entry."""
     if record.get("early_stopping_mb") is not None:

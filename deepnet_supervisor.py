@@ -19,7 +19,6 @@ Local runs get SIGTERM when their supervisor dies, so they checkpoint instead of
 import argparse
 import ctypes
 import heapq
-import json
 import os
 import re
 import shlex
@@ -29,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from deepnet_util import RunLock, UserError, load_pickle, run_cli, save_text
+from deepnet_util import RunLock, UserError, load_json_object, load_pickle, run_cli, save_text
 
 # ---------------------------------------------------------------- settings (every deepnet_main.py flag)
 
@@ -306,7 +305,7 @@ def lock_holder(settings):
 
 def run_state(settings):
     """'complete', 'diverged' or 'todo', from the run's status.json (older runs: its recorder)."""
-    status = read_status_file(status_path(settings))
+    status = load_json_object(status_path(settings))
     if status is not None:
         return status.get("state") if status.get("state") in ("complete", "diverged") else "todo"
     path = record_path(settings)
@@ -653,16 +652,6 @@ STATES = ("complete", "running", "incomplete", "diverged", "failed", "not starte
 LEFT_TO_RUN = ("running", "incomplete", "failed", "not started")
 
 
-def read_status_file(path):
-    """A run's status.json as a dict (see the run status file contract), or None."""
-    try:
-        with open(path) as handle:
-            status = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return status if isinstance(status, dict) else None
-
-
 def status_from_recorder(settings):
     """status.json's fields from the recorder of a run that has no status.json (older runs), or None.
 
@@ -701,7 +690,7 @@ def number(value):
 
 def run_status(settings, host):
     """One row of --status: spec, run, state, mb, n, val, test, seconds, resume_mb, detail."""
-    status = read_status_file(status_path(settings)) or status_from_recorder(settings) or {}
+    status = load_json_object(status_path(settings)) or status_from_recorder(settings) or {}
     holder = lock_holder(settings)
     checkpoint_mb = number(status.get("last_checkpoint_mb"))
     row = {"spec": settings["spec_name"], "run": settings["run"], "mb": number(status.get("mb")) or 0,

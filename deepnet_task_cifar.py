@@ -10,7 +10,6 @@ and the dropout masks. So a run resumed from any checkpoint continues exactly as
 """
 import functools
 import glob
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ import numpy as np
 import psutil
 
 import deepnet_network as net
-from deepnet_util import RunLock, UserError, load_pickle, save_json, save_pickle, save_text
+from deepnet_util import RunLock, UserError, load_json_object, load_pickle, save_json, save_pickle, save_text
 
 tf = net.tf
 
@@ -313,9 +312,9 @@ def checkpoint_scores(record, val_mbs):
     done = len(record["val_top1_hist"])
     smoothed = smooth(record["val_top1_hist"], window)
     reach = SMOOTHING_PASSES * max(window // 2, 1) - 2
-    scores = {}
+    schedule, scores = np.asarray(val_mbs), {}
     for c in record["checkpoints"]:
-        j = int(np.argmin(np.abs(np.asarray(val_mbs) - c)))
+        j = int(np.argmin(np.abs(schedule - c)))
         if done == len(val_mbs) or j + reach <= done:
             scores[c] = float(smoothed[j])
     return scores, smoothed
@@ -928,22 +927,12 @@ def test_report(s, mb, result):
     return line
 
 
-def _read_json(path):
-    """The JSON object in path, or {} when it is missing or unreadable."""
-    try:
-        with open(path) as handle:
-            value = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 class RunStatus:
     """The run's small status.json, beside the recorder, for `deepnet_supervisor.py --status`."""
 
     def __init__(self, path, s):
         self.path, self.s, self.started = path, s, time.time()
-        self.previous = _read_json(path)
+        self.previous = load_json_object(path) or {}
         self.seconds_before = float(self.previous.get("train_seconds") or 0.0)
         self.last_checkpoint_mb = self.previous.get("last_checkpoint_mb")
 

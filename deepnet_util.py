@@ -194,6 +194,16 @@ def save_pickle_streamed(path, obj):
         pickle.dump(obj, handle, protocol=5)
 
 
+def load_json_object(path):
+    """The JSON object (dict) in path, or None when it is missing, unreadable or not an object."""
+    try:
+        with open(path) as handle:
+            value = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def save_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
                        .encode())

@@ -257,8 +257,8 @@ def test_divergence_stops_records_and_is_not_retried(tmp_path, data_dir, capsys)
     assert record["train_mb_n_hist"] == list(range(1, mb)) and all(np.isfinite(record["train_loss_hist"]))
     info = open(os.path.join(run_dir(root, "wild"), "run_info_rel_wild_run_1.txt")).read()
     assert f"status: diverged at minibatch {mb}" in info and "diverged: True" in info
-    assert deepnet_analysis.load_run(os.path.join(root, "3_output_cifar", "rel"), "wild", 1) == \
-        (None, f"diverged at minibatch {mb}")
+    assert deepnet_analysis.check_run(os.path.join(root, "3_output_cifar", "rel"), "wild", 1) == \
+        (None, "diverged", f"diverged at minibatch {mb}")
     before = snapshot(root)
     assert train_here(root, flags) == 1
     assert "diverged" in capsys.readouterr().out
