@@ -119,7 +119,8 @@ def activation(preact, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="un
     Weights and beta may be tensors or variables; gradients flow to them. ``component_transform``
     (used by batch-normalised nets) is applied to each component before blending. Without a
     transform, the blend5 set and 1_relu run as fused kernels (see _fused_abu) unless ``fused`` is
-    False (None: the module flag FUSED_ABU; True: the kernel is required).
+    False (None: the module flag FUSED_ABU; True: the kernel is required). The implementation used,
+    'fused' or 'plain: <why>', is recorded in the graph (see activation_kernel()).
     """
     names = parse_af_set(af_set)
     raw = tf.convert_to_tensor(blend_weights_raw, dtype=preact.dtype)
@@ -127,7 +128,11 @@ def activation(preact, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="un
         raise ValueError(f"activation set '{af_set}' needs {len(names)} blend weights, got shape {raw.shape}")
     weights = effective_weights(raw, blend_mode)
     beta = tf.convert_to_tensor(swish_beta, dtype=preact.dtype)
-    kernel = _fused_kernel(names, preact, beta, fused) if component_transform is None else None
+    if component_transform is None:
+        kernel, state = _fused_kernel(names, preact, beta, fused)
+    else:
+        kernel, state = None, "plain: batch-normalised blend components have no fused kernel"
+    tf.add_to_collection(_ACTIVATION_KERNELS, state)
     if kernel is not None:
         return kernel(preact, weights, beta)
     components = [BASE_FUNCTIONS[name].graph(preact, beta) for name in names]
@@ -154,31 +159,65 @@ def activation_numpy(x, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="u
 # deepnet_abu_op.cc computes the blend5 ABU in one pass and its gradients w.r.t. x, the five
 # effective weights and beta in a second one (two exps per element, recomputed from x); 1_relu's
 # w * relu(x) likewise (its gradient w.r.t. x and w in one pass instead of four). Same mathematics
-# as the plain composition. Compiled on first use into a per-user cache; without a compiler, or
-# with a GPU, the plain composition is used.
+# as the plain composition. Compiled on first use into a per-user cache (one compile per machine,
+# however many processes start at once); a build that fails is cached too, with its reason, so a
+# sweep tries it once. Every graph records which implementation it uses (activation_kernel()).
 
 FUSED_ABU = os.environ.get("DEEPNET_FUSED_ABU", "1") != "0"  # False: the plain composition everywhere
 _ABU_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepnet_abu_op.cc")
-_abu_state = {}  # "library": the loaded op module, or None when it cannot be built
+FUSED_SETS = {NAMED_BLENDS["blend5_swish"]: "5_blend5_swish", ("relu",): "1_relu"}
+# Target flags, tried in order; the first set that compiles is used, every failure is kept for the
+# message. GCC >= 12 turns AVX512-FP16 on for -march=native on Sapphire Rapids and later Xeons, and
+# TensorFlow's bundled Eigen then fails to compile (PacketMathFP16.h), so the first set switches it
+# off. Compilers that do not know that flag (GCC < 12, old clang) never turn it on: the second set.
+# The last is the compiler's default target: slower, and said so.
+BUILD_FLAG_SETS = (("-march=native", "-mno-avx512fp16"), ("-march=native",), ())
+_KERNEL_OPS = ("DeepnetAbuForward", "DeepnetScaledRelu")
+_ACTIVATION_KERNELS = "activation_kernels"  # graph collection: one entry per activated layer
+_abu_state = {}  # "library": the loaded op module or None; "build": the build description; "why": the failure
+
+
+def kernel_state():
+    """'fused' when the fused kernels run on this machine, else 'plain: <reason in one line>'."""
+    if not FUSED_ABU:
+        return "plain: DEEPNET_FUSED_ABU=0"
+    if tf.config.list_physical_devices("GPU"):
+        return "plain: a GPU is used (the fused kernels are CPU-only)"
+    if _abu_library() is None:
+        return f"plain: {_abu_state['why']}"
+    return "fused"
+
+
+def kernel_build():
+    """How the loaded kernel was built ('g++ 12.2.0: -march=native -mno-avx512fp16'), '' if none is."""
+    return _abu_state.get("build", "") if _abu_library() is not None else ""
+
+
+def activation_kernel(graph):
+    """What the activated layers of a graph run on: 'fused', or 'plain: <reason>' if any layer does not."""
+    used = graph.get_collection(_ACTIVATION_KERNELS)
+    return next((state for state in used if state != "fused"), "fused") if used else "plain: no activated layer"
 
 
 def _fused_kernel(names, preact, beta, fused):
-    """The fused kernel for this activation, or None for the plain composition (fused=True: required)."""
-    if fused is False or (fused is None and not FUSED_ABU):
-        return None
+    """(the fused kernel for this activation or None, 'fused' or 'plain: <why>'); fused=True: required."""
+    if fused is False:
+        return None, "plain: asked for by the caller"
     kernel = {NAMED_BLENDS["blend5_swish"]: _fused_abu, ("relu",): _fused_scaled_relu}.get(tuple(names))
-    if kernel is None or preact.dtype not in (tf.float32, tf.float64) or beta.shape.rank != 0:
-        if fused:
-            raise ValueError("the fused kernels need the blend5 set or 1_relu, a float32/float64 input "
-                             "and a scalar beta")
-        return None
-    if fused is None and tf.config.list_physical_devices("GPU"):
-        return None
-    if _abu_library() is None:
-        if fused:
-            raise RuntimeError("the fused activation kernels could not be built (see the warning above)")
-        return None
-    return kernel
+    why = None
+    if kernel is None:
+        why = f"plain: no fused kernel for {'+'.join(names)} (only {' and '.join(FUSED_SETS.values())} have one)"
+    elif preact.dtype not in (tf.float32, tf.float64) or beta.shape.rank != 0:
+        why = "plain: the fused kernels need a float32/float64 input and a scalar beta"
+    elif fused is None:
+        state = kernel_state()
+        why = None if state == "fused" else state
+    elif _abu_library() is None:
+        raise RuntimeError(f"the fused activation kernels could not be built: {_abu_state['why']}")
+    if why is not None and fused:
+        raise ValueError(f"the fused kernels need the blend5 set or 1_relu, a float32/float64 input and a "
+                         f"scalar beta ({why})")
+    return (None, why) if why is not None else (kernel, "fused")
 
 
 def _fused_abu(x, weights, beta):
@@ -203,22 +242,31 @@ def _scaled_relu_gradient(op, dy):
 
 
 def _abu_library():
-    """The loaded kernel, built on first use; None (after one warning) if it cannot be."""
+    """The loaded kernel, built on first use; None (after one warning line) if it cannot be."""
     if "library" not in _abu_state:
         _abu_state["library"] = _load_abu_library()
     return _abu_state["library"]
 
 
-def _load_abu_library():
+def _load_abu_library(rebuild=False):
+    paths = _kernel_cache_paths()
     try:
-        path = _abu_library_path()
-        if not os.path.exists(path):
-            _build_abu_library(path)
-        library = tf.load_op_library(path)
+        built = _build_abu_library(paths, rebuild)
+        if built is not None:
+            library = tf.load_op_library(paths["so"])
     except (OSError, tf.errors.OpError) as err:
-        print(f"warning: fused activation kernels unavailable ({err}); using the plain composition",
-              file=sys.stderr)
+        built, why = None, f"loading {paths['so']} failed: {' '.join(str(err).split())}"
+    else:
+        why = None if built is not None else _read_text(paths["failed"]).strip() or "the build failed"
+    if built is None:
+        _abu_state["why"] = why
+        print(f"warning: fused activation kernels unavailable ({why}); using the plain composition, about "
+              "2x slower for ABU runs", file=sys.stderr)
         return None
+    _abu_state["build"] = built
+    if "-march=native" not in built.split(" (failed first")[0]:
+        print(f"note: the fused activation kernels were built for the compiler's default target ({built}), "
+              "slower than for this CPU", file=sys.stderr)
     for op_type, gradient in (("DeepnetAbuForward", _abu_gradient), ("DeepnetScaledRelu", _scaled_relu_gradient)):
         try:
             tf.RegisterGradient(op_type)(gradient)
@@ -227,10 +275,22 @@ def _load_abu_library():
     return library
 
 
-def _abu_build_command(output):
-    return [os.environ.get("CXX", "g++"), "-shared", "-fPIC", "-O3", "-march=native", "-fno-trapping-math",
-            "-fno-math-errno", "-w", *tf.sysconfig.get_compile_flags(), _ABU_SOURCE, "-o", output,
-            *tf.sysconfig.get_link_flags()]
+def _compiler():
+    return os.environ.get("CXX", "g++")
+
+
+def _compiler_version():
+    """The compiler's first --version line, or why it cannot be run (part of the cache key)."""
+    try:
+        result = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"unavailable ({err.strerror if isinstance(err, OSError) else 'no answer'})"
+    return (result.stdout.strip().splitlines() or [f"exit status {result.returncode}"])[0]
+
+
+def _abu_build_command(output, target_flags):
+    return [_compiler(), "-shared", "-fPIC", "-O3", *target_flags, "-fno-trapping-math", "-fno-math-errno", "-w",
+            *tf.sysconfig.get_compile_flags(), _ABU_SOURCE, "-o", output, *tf.sysconfig.get_link_flags()]
 
 
 def _cpu_signature():
@@ -242,32 +302,90 @@ def _cpu_signature():
         return ""
 
 
-def _abu_library_path():
-    """The cached kernel for this source, TensorFlow, build command and CPU."""
+def kernel_cache_dir():
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "deepnet_abu")
+
+
+def _kernel_cache_paths():
+    """The cache files for this source, TensorFlow, compiler, flag chain and CPU: the kernel (.so), how it
+    was built (.build) or why it could not be (.failed), and the lock that serialises the build."""
     with open(_ABU_SOURCE, "rb") as f:
         source = f.read()
-    key = repr((tf.version.VERSION, _abu_build_command("out.so"), _cpu_signature())).encode()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    digest = hashlib.sha256(source + key).hexdigest()[:16]
-    return os.path.join(cache, "deepnet_abu", f"deepnet_abu_{digest}.so")
+    key = repr((tf.version.VERSION, _abu_build_command("out.so", ()), BUILD_FLAG_SETS, _compiler_version(),
+                _cpu_signature())).encode()
+    stem = os.path.join(kernel_cache_dir(), f"deepnet_abu_{hashlib.sha256(source + key).hexdigest()[:16]}")
+    return {"so": stem + ".so", "build": stem + ".build", "failed": stem + ".failed", "lock": stem + ".lock"}
 
 
-def _build_abu_library(path):
-    """Compile the kernel to path, once across concurrent processes (lock file, atomic rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "w") as lock:
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _build_abu_library(paths, rebuild=False):
+    """Compile the kernel once across concurrent processes (lock file, atomic renames). Returns the build
+    description, or None when every flag set failed (the reasons are then in paths['failed'])."""
+    os.makedirs(os.path.dirname(paths["so"]), exist_ok=True)
+    with open(paths["lock"], "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(path):
-            return
-        partial = f"{path}.{os.getpid()}.tmp"
-        result = subprocess.run(_abu_build_command(partial), capture_output=True, text=True)
-        if result.returncode != 0:
-            if os.path.exists(partial):
-                os.remove(partial)
-            lines = (result.stderr + result.stdout).strip().splitlines() or ["no compiler output"]
-            first_error = next((line for line in lines if "error" in line), lines[-1])
-            raise OSError(f"compiling {_ABU_SOURCE} failed: {first_error.strip()}")
-        os.replace(partial, path)
+        if rebuild:
+            for name in ("so", "build", "failed"):
+                if os.path.exists(paths[name]):
+                    os.remove(paths[name])
+        if os.path.exists(paths["so"]):
+            return _read_text(paths["build"]).strip() or "cached"
+        if os.path.exists(paths["failed"]):
+            return None
+        failures = []
+        for flags in BUILD_FLAG_SETS:
+            error = _compile(paths["so"], flags)
+            if error is None:
+                built = f"{_compiler_version()}, {' '.join(flags) or 'default target'}"
+                if failures:
+                    built += f" (failed first: {'; '.join(failures)})"
+                _write_atomically(paths["build"], built + "\n")
+                return built
+            failures.append(f"{' '.join(flags) or 'default target'}: {error}")
+            if error.startswith("no C++ compiler"):
+                failures = [error]
+                break
+        _write_atomically(paths["failed"], f"compiling {os.path.basename(_ABU_SOURCE)} failed: "
+                                           f"{'; '.join(failures)}\n")
+        return None
+
+
+def _compile(output, flags):
+    """Compile into output atomically; None on success, else the first error line."""
+    partial = f"{output}.{os.getpid()}.tmp"
+    try:
+        result = subprocess.run(_abu_build_command(partial, flags), capture_output=True, text=True)
+    except OSError as err:
+        return f"no C++ compiler: '{_compiler()}' cannot be run ({err.strerror}); install g++ or set CXX"
+    if result.returncode == 0 and os.path.exists(partial):
+        os.replace(partial, output)
+        return None
+    if os.path.exists(partial):
+        os.remove(partial)
+    lines = (result.stderr + result.stdout).strip().splitlines() or [f"exit status {result.returncode}"]
+    return next((line for line in lines if "error" in line), lines[-1]).strip()
+
+
+def _write_atomically(path, text):
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w") as f:
+        f.write(text)
+    os.replace(partial, path)
+
+
+def rebuild_kernel():
+    """Delete this machine's cached kernel (or cached failure) and build it again; returns kernel_state()."""
+    _abu_state.clear()
+    _abu_state["library"] = _load_abu_library(rebuild=True)
+    return kernel_state()
 
 
 # ---------------------------------------------------------------- architectures, as data
@@ -513,7 +631,7 @@ def train(total_loss, optimizer, lr):
 
 
 Model = namedtuple("Model", "inputs logits loss cross_entropy top1 top5 predictions train_op "
-                            "endpoints preact_stats summaries model_variables")
+                            "endpoints preact_stats summaries model_variables activation_kernel")
 
 
 def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
@@ -533,7 +651,8 @@ def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
     preact_stats = {name: tf.nn.moments(p, list(range(len(p.shape))))
                     for name, p in endpoints.preacts.items()}
     return Model(inputs, logits, total_loss, cross_entropy, top1, top5, tf.argmax(logits, 1), train_op,
-                 endpoints, preact_stats, tf.summary.merge_all(SUMMARIES), model_variables)
+                 endpoints, preact_stats, tf.summary.merge_all(SUMMARIES), model_variables,
+                 activation_kernel(tf.get_default_graph()))
 
 
 # ---------------------------------------------------------------- AF weights: initialisation and files
@@ -612,3 +731,21 @@ def read_af_weights(sess, endpoints):
     for layer in values.values():
         layer["swish_beta"] = float(layer["swish_beta"][0]) if "swish_beta" in layer else None
     return values
+
+
+def main(argv=None):
+    """python deepnet_network.py [--rebuild-kernel]: the fused activation kernel's state on this machine."""
+    import argparse
+    parser = argparse.ArgumentParser(description=main.__doc__.split(": ")[1])
+    parser.add_argument("--rebuild-kernel", action="store_true",
+                        help=f"delete the cached kernel (or cached build failure) in {kernel_cache_dir()} and "
+                             "build it again")
+    args = parser.parse_args(argv)
+    state = rebuild_kernel() if args.rebuild_kernel else kernel_state()
+    where = f"; {kernel_build()}; cache {kernel_cache_dir()}" if state == "fused" else ""
+    print(f"activation kernel: {state}{where}")
+    return 0 if state == "fused" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
