@@ -739,6 +739,7 @@ def analyse_experiment(exp_dir, reference="relu", out=print):
     analysis_dir = os.path.join(exp_dir, "0_analysis")
     experiment = os.path.basename(exp_dir)
     performance, excluded, notes, test_accs, curves, summaries, plots, settings = [], [], [], {}, {}, {}, {}, {}
+    kernels = {}
     for spec in specs:
         runs, records, spec_excluded, spec_notes = load_spec(exp_dir, spec, out)
         excluded += spec_excluded
@@ -753,6 +754,7 @@ def analyse_experiment(exp_dir, reference="relu", out=print):
         performance.append(performance_row(summaries[spec], metrics))
         test_accs[spec] = [m["test_acc"] for m in metrics]
         settings[spec] = [record.get("settings") or {} for record in records]
+        kernels[spec] = [(record.get("activation_kernel"), record.get("activation_kernel_build")) for record in records]
     write_csv(os.path.join(analysis_dir, "excluded_runs.csv"), EXCLUDED_COLUMNS, excluded)
     if not performance and not any(row["category"] == "bad_test_acc" for row in excluded):
         raise UserError(f"experiment folder {exp_dir} has no complete run ({len(excluded)} excluded, "
@@ -770,7 +772,7 @@ def analyse_experiment(exp_dir, reference="relu", out=print):
     report = deepnet_report.write_report(
         os.path.join(analysis_dir, "report.html"), exp_dir=exp_dir, reference=reference, specs=specs,
         performance=performance, significance=significance, excluded=excluded, warnings=notes,
-        experiment_plot=experiment_plot, spec_plots=plots, settings=settings)
+        experiment_plot=experiment_plot, spec_plots=plots, settings=settings, kernels=kernels)
     hparams = {spec: settings[spec][0] if spec in settings else first_settings(exp_dir, spec) for spec in specs}
     hparams = {spec: values for spec, values in hparams.items() if values}
     if hparams:

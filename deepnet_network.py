@@ -371,7 +371,7 @@ def _compile(output, flags):
     if os.path.exists(partial):
         os.remove(partial)
     lines = (result.stderr + result.stdout).strip().splitlines() or [f"exit status {result.returncode}"]
-    return next((line for line in lines if "error" in line), lines[-1]).strip()
+    return next((line for line in lines if "error" in line), lines[-1]).strip()[:300]
 
 
 def _write_atomically(path, text):

@@ -273,7 +273,26 @@ def package_version(*names):
     return "not installed"
 
 
-def provenance_section(exp_dir, settings):
+def kernel_section(kernels):
+    """What the analysed runs' activations ran on: a row per implementation ('fused' with its build, or
+    'plain: <why>') with the number of runs and their specs. kernels: spec -> [(kernel, build) per run]."""
+    groups = {}
+    for spec, runs in kernels.items():
+        for kernel, build in runs:
+            groups.setdefault((kernel or "not recorded (older run)", build or ""), []).append(spec)
+    if not groups:
+        return ""
+    rows = [[kernel + (f" ({build})" if build else ""), str(len(specs)), ", ".join(dict.fromkeys(specs))]
+            for (kernel, build), specs in sorted(groups.items())]
+    mixed = len({kernel.split(":")[0] for kernel, _ in groups}) > 1
+    note = ("Some runs used the plain composition of TensorFlow ops: same functions, equal to the fused kernel "
+            "to about 1e-5, about 2x slower for ABU runs." if mixed else "")
+    return (element("h3", "Activation implementation") + table(["implementation", "runs", "specs"], rows,
+                                                               id="activation-kernel")
+            + (element("p", esc(note), class_="missing") if note else ""))
+
+
+def provenance_section(exp_dir, settings, kernels=None):
     suite = os.path.dirname(os.path.abspath(__file__))
     rows = [["experiment folder", os.path.abspath(exp_dir)],
             ["suite", suite],
@@ -285,6 +304,7 @@ def provenance_section(exp_dir, settings):
             ["Python", platform.python_version()],
             ["date", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")]]
     return (element("h2", "What produced this report") + settings_section(settings) + data_section(exp_dir, settings)
+            + kernel_section(kernels or {})
             + element("h3", "Software") + table(["", "at analysis time"], rows, id="software")
             + element("p", "Versions are those of the analysis environment; the runs' settings are the recorders'.",
                       class_="note"))
@@ -299,8 +319,9 @@ def figure(path, caption, why_missing=None):
 
 
 def write_report(path, exp_dir, reference, specs, performance, significance, excluded, warnings,
-                 experiment_plot, spec_plots, settings):
-    """Write the report to path and return path. Inputs are deepnet_analysis's rows, plots and run settings."""
+                 experiment_plot, spec_plots, settings, kernels=None):
+    """Write the report to path and return path. Inputs are deepnet_analysis's rows, plots, run settings and
+    activation implementations (kernel_section)."""
     experiment = os.path.basename(os.path.normpath(exp_dir))
     rows = comparison_rows(specs, performance, significance, excluded, reference)
     parts = [element("h1", esc(f"Experiment {experiment}")),
@@ -332,7 +353,7 @@ def write_report(path, exp_dir, reference, specs, performance, significance, exc
         for kind, caption in SPEC_PLOTS:
             plot_path, why = plots.get(kind, (None, "not made"))
             parts.append(figure(plot_path, f"{row['spec']}: {caption}", why))
-    parts.append(provenance_section(exp_dir, settings))
+    parts.append(provenance_section(exp_dir, settings, kernels))
     head = element("head", '<meta charset="utf-8">' + element("title", esc(f"{experiment}: analysis"))
                    + element("style", STYLE))
     save_text(path, "<!DOCTYPE html>\n" + element("html", head + element("body", "".join(parts)), lang="en") + "\n")

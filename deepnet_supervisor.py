@@ -404,6 +404,27 @@ def run_quietly(args):
     return lines[-1].removeprefix("error: ") if lines else f"exit status {result.returncode}"
 
 
+# ---------------------------------------------------------------- the activation kernel
+
+def check_activation_kernel(out=print):
+    """Build (or find in the cache) the fused activation kernel once, before the runs start, and say in one line
+    when the runs cannot use it. Returns 'fused' or 'plain: <why>' (deepnet_network.kernel_state())."""
+    result = subprocess.run([sys.executable, "deepnet_network.py"], cwd=REPO_DIR, capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode not in (0, 1) or not lines or not lines[-1].startswith("activation kernel: "):
+        why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        out(f"warning: could not check the fused activation kernel ({why}); each run records what it used")
+        return f"plain: unknown ({why})"
+    state = lines[-1].removeprefix("activation kernel: ").split("; ")[0] if result.returncode == 0 \
+        else lines[-1].removeprefix("activation kernel: ")
+    if state.startswith("plain: a GPU"):
+        out(f"note: activation kernel {state}")
+    elif state != "fused":
+        out(f"warning: activation kernel {state}; ABU runs will take about 2x as long (the plain composition of "
+            "TensorFlow ops, same results to ~1e-5)")
+    return state
+
+
 # ---------------------------------------------------------------- local backend
 
 def child_environment(workers):
@@ -696,7 +717,7 @@ def run_status(settings, host):
     row = {"spec": settings["spec_name"], "run": settings["run"], "mb": number(status.get("mb")) or 0,
            "n": number(status.get("n_minibatches")) or settings["n_minibatches"],
            "val": number(status.get("val_top1")), "test": None, "seconds": number(status.get("train_seconds")),
-           "resume_mb": checkpoint_mb or 0, "detail": ""}
+           "resume_mb": checkpoint_mb or 0, "detail": "", "kernel": status.get("activation_kernel")}
     state, message = status.get("state"), str(status.get("message") or "")
     checkpoint = "no checkpoint" if checkpoint_mb is None else f"last checkpoint mb {checkpoint_mb}"
     writer = f"process {status.get('pid')} on {status.get('host')}"
@@ -726,9 +747,9 @@ def accuracy(value):
 
 def status_table(rows):
     """The rows as aligned text lines, one per run."""
-    header = ("spec", "run", "state", "minibatches", "val top-1", "test top-1", "details")
+    header = ("spec", "run", "state", "minibatches", "val top-1", "test top-1", "kernel", "details")
     cells = [(r["spec"], str(r["run"]), r["state"], f"{r['mb']}/{r['n']}", accuracy(r["val"]), accuracy(r["test"]),
-              r["detail"]) for r in rows]
+              str(r["kernel"] or "-").split(":")[0], r["detail"]) for r in rows]
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header) - 1)]
     return [("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1]).rstrip()
             for line in [header, *cells]]
@@ -758,6 +779,15 @@ def status_eta(rows, workers):
             "take the first free one")
 
 
+def kernel_counts(rows):
+    """{'fused' or 'plain: <why>': number of runs} over the runs that recorded their activation kernel."""
+    counts = {}
+    for row in rows:
+        if row["kernel"]:
+            counts[row["kernel"]] = counts.get(row["kernel"], 0) + 1
+    return counts
+
+
 def print_status(runs, workers, out=print):
     """The --status report: a row per run, counts per state, the ETA; returns 0."""
     host = os.uname().nodename
@@ -768,6 +798,9 @@ def print_status(runs, workers, out=print):
     for row in rows:
         counts[row["state"]] += 1
     out(f"{len(rows)} runs: " + ", ".join(f"{counts[state]} {state}" for state in STATES))
+    kernels = kernel_counts(rows)
+    if kernels:
+        out("activation kernel: " + "; ".join(f"{kernel} in {n} run(s)" for kernel, n in kernels.items()))
     out(status_eta(rows, workers))
     return 0
 
@@ -963,6 +996,8 @@ def sweep(args, runs, out=print):
             out("every run is complete")
             return 0 if args.no_analysis or args.dry_run or analyse(runs[0], out) else 1
         return run_cluster(args, runs, todo, out)
+    if todo:
+        check_activation_kernel(out)
     counts = run_local(todo, args.workers, out, elsewhere, wait=not args.no_wait)
     still_running = [run_name(settings) for settings in runs if lock_holder(settings)]
     if still_running:

@@ -246,7 +246,8 @@ def new_recorder(s, mbs_per_epoch):
                   settings=dict(s), mbs_per_epoch=mbs_per_epoch, mb_count_total=0, ep_count_total=0,
                   early_stopping_mb=None, test_loss=None, test_xentropy=None, test_top1=None, test_top5=None,
                   test_apc=None, test_af_weights=None, training_completed=False, test_completed=False,
-                  diverged=False, diverged_at_mb=None)
+                  diverged=False, diverged_at_mb=None, activation_kernel=None, activation_kernel_build="",
+                  activation_kernel_history=[])
     return record
 
 
@@ -738,10 +739,12 @@ class Trainer:
             self.checkpointer.restore_state(self.sess, found[latest])
             self.writer.add_session_log(tf.SessionLog(status=tf.SessionLog.START), global_step=latest)
             self.status.last_checkpoint_mb = latest
+            self._note_activation_kernel()
             self.status.write(self.record, "running", f"resumed from minibatch {latest}")
             self.out(f"{s['spec_name']}/run {s['run']}: resuming from minibatch {latest}")
         else:
             self.record = new_recorder(s, self.data.mbs_per_epoch)
+            self._note_activation_kernel()
             self.status.write(self.record, "running", "started")
             log_hparams(self.writer, s)
             self.sess.run(self.init_op)
@@ -754,6 +757,20 @@ class Trainer:
             if status is not None:
                 return status
         return self._test()
+
+    def _note_activation_kernel(self):
+        """Record what this session's activations run on ('fused' or 'plain: <why>'); a change from the
+        earlier sessions of the run (another machine, DEEPNET_FUSED_ABU) is said and kept in the history."""
+        record, kernel = self.record, self.model.activation_kernel
+        history = record.setdefault("activation_kernel_history", [])
+        if history and history[-1][1] != kernel:
+            self.out(f"{self.s['spec_name']}/run {self.s['run']}: note: activations now run on '{kernel}', "
+                     f"before minibatch {record['mb_count_total']} on '{history[-1][1]}' (equal to ~1e-5, "
+                     "not bit for bit)")
+        if not history or history[-1][1] != kernel:
+            history.append([record["mb_count_total"], kernel])
+        record["activation_kernel"] = kernel
+        record["activation_kernel_build"] = net.kernel_build() if kernel == "fused" else ""
 
     def _train(self):
         s, model, record = self.s, self.model, self.record
@@ -942,7 +959,7 @@ class RunStatus:
             "state": state, "pid": os.getpid(), "host": os.uname().nodename,
             "mb": record.get("mb_count_total", 0), "n_minibatches": self.s["n_minibatches"],
             "val_top1": (record.get("val_top1_hist") or [None])[-1], "test_top1": record.get("test_top1"),
-            "last_checkpoint_mb": self.last_checkpoint_mb,
+            "last_checkpoint_mb": self.last_checkpoint_mb, "activation_kernel": record.get("activation_kernel"),
             "train_seconds": self.seconds_before + time.time() - self.started,
             "updated": time.time(), "message": message})
 

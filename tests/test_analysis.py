@@ -62,7 +62,7 @@ def fake_record(spec, run, test_acc, es_mb, af_set, blend_mode, **changes):
     record = {
         "experiment_name": "exp", "spec_name": spec, "run": run,
         "settings": {"af_set": af_set, "blend_mode": blend_mode, "network": "smcn", "n_minibatches": N_MB,
-                     "val_every": VAL_EVERY, "task": "cifar10", "preprocessing": "ztrans", "path_relative": "./",
+                     "val_every": VAL_EVERY, "task": "cifar10", "preprocessing": "ztrans", "path_relative": "/nonexistent",
                      "spec_name": spec, "run": run, "seed": run, "lr": 0.001, "dropout_keep_probs": [0.5]},
         "mbs_per_epoch": 20, "mb_count_total": N_MB, "ep_count_total": 5,
         "train_mb_n_hist": list(range(1, N_MB + 1)),
@@ -819,3 +819,23 @@ def test_only_bad_runs_is_a_finding_not_an_error(tmp_path):
     assert parser.errors == [] and len(parser.images) == 0
     assert [row["cells"][:4] for row in parser.table_rows[1:]] == [["relu", "0", "2", "0"]]
     assert lines[-1] == f"report: {result['report']}"
+
+
+def test_report_says_what_the_runs_activations_ran_on(tmp_path):
+    exp = str(tmp_path / "exp")
+    build = "g++ (Debian 12.2.0) 12.2.0, -march=native -mno-avx512fp16"
+    plain = "plain: compiling deepnet_abu_op.cc failed: no C++ compiler: 'g++' cannot be run"
+    for spec, run, kernel in (("relu", 1, "fused"), ("relu", 2, "fused"), ("ABU", 1, "fused"), ("ABU", 2, plain)):
+        write_record(exp, fake_record(spec, run, 0.5 + 0.01 * run, 50, "1_relu" if spec == "relu" else
+                                      "5_blend5_swish", "unrestricted", activation_kernel=kernel,
+                                      activation_kernel_build=build if kernel == "fused" else ""))
+    write_record(exp, fake_record("tanh", 1, 0.5, 50, "1_tanh", "unrestricted"))    # an older run: no such key
+    result = da.analyse_experiment(exp, out=lambda line: None)
+    text, parser = parse_report(result["report"])
+    assert parser.errors == []
+    section = text[text.index('id="activation-kernel"'):]
+    section = section[:section.index("</table>")]
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>", section)
+    assert sorted(rows) == sorted([(f"fused ({build})", "3", "ABU, relu"), (plain.replace("'", "&#x27;"), "1", "ABU"),
+                                   ("not recorded (older run)", "1", "tanh")])
+    assert "Some runs used the plain composition" in text

@@ -265,7 +265,8 @@ if mode == "locked":  # another process takes the lock just before this one: dee
     sys.exit(2)
 if mode == "sleep":
     def stop(signum, frame):
-        open(marker, "w").write("checkpointed")
+        open(marker + ".tmp", "w").write("checkpointed")
+        os.replace(marker + ".tmp", marker)
         sys.exit(128 + signum)
     signal.signal(signal.SIGTERM, stop)
     time.sleep(60)
@@ -506,11 +507,14 @@ time.sleep(120)
 """
 LONG_CHILD = """import os, signal, sys, time
 marker = sys.argv[1]
+def mark(path, text):  # whole or not at all: a reader never sees an empty file
+    open(path + ".tmp", "w").write(text)
+    os.replace(path + ".tmp", path)
 def stop(signum, frame):
-    open(marker, "w").write(signal.Signals(signum).name)
+    mark(marker, signal.Signals(signum).name)
     sys.exit(128 + signum)
 signal.signal(signal.SIGTERM, stop)
-open(marker + ".ready", "w").write("ready")
+mark(marker + ".ready", "ready")
 time.sleep(120)
 """
 
@@ -525,14 +529,14 @@ def test_a_worker_gets_sigterm_when_its_supervisor_is_killed(tmp_path):
     child_pid = None
     try:
         child_pid = int(supervisor.stdout.readline())
-        deadline = time.time() + 30
+        deadline = time.time() + 60
         while not os.path.exists(f"{marker}.ready") and time.time() < deadline:
             time.sleep(0.05)
         assert os.path.exists(f"{marker}.ready")
         assert os.getsid(child_pid) == child_pid                          # its own session: no terminal Ctrl-C
         supervisor.kill()
-        supervisor.wait(timeout=10)
-        deadline = time.time() + 10
+        supervisor.wait(timeout=60)
+        deadline = time.time() + 60
         while not marker.exists() and time.time() < deadline:
             time.sleep(0.05)
         assert marker.read_text() == "SIGTERM"
@@ -769,3 +773,27 @@ def test_real_local_sweep(tmp_path):
     for spec, run in (("relu", 1), ("ABU", 2)):
         log = open(os.path.join(exp, spec, f"run_{run}", f"log_{spec}_run_{run}.txt")).read()
         assert log.count("deepnet_supervisor:") == (2 if (spec, run) == ("ABU", 2) else 1)
+
+
+def test_a_sweep_without_a_compiler_says_so_once_up_front(tmp_path):
+    root = tiny_synthetic_root(tmp_path / "root")
+    env = dict(os.environ, CXX=str(tmp_path / "no-g++"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("DEEPNET_FUSED_ABU", None)
+    args = ["--sweep", "demo", "--experiment", "nocxx", "--specs", "ABU", "--runs", "1",
+            "--set", f"path_relative={root}", *TINY, "--set", "n_minibatches=8", "--no-analysis"]
+    result = run_supervisor(args, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    warnings = [i for i, line in enumerate(lines) if "activation kernel" in line]
+    assert len(warnings) == 1 and lines[warnings[0]].startswith(
+        "warning: activation kernel plain: compiling deepnet_abu_op.cc failed: no C++ compiler: ")
+    assert "ABU runs will take about 2x as long" in lines[warnings[0]]
+    assert warnings[0] < next(i for i, line in enumerate(lines) if line.startswith("running 1 run(s)"))
+    settings = sv.run_settings(sv.SETTINGS, {}, {"path_relative": root}, "nocxx", "ABU", 1)
+    status = json.load(open(sv.status_path(settings)))
+    assert status["state"] == "complete" and status["activation_kernel"].startswith(
+        "plain: compiling deepnet_abu_op.cc failed: no C++ compiler")
+    shown = run_supervisor(["--status", *args], env=env)
+    assert f"activation kernel: {status['activation_kernel']} in 1 run(s)" in shown.stdout.splitlines()
+    row = next(line for line in shown.stdout.splitlines() if line.startswith("ABU "))
+    assert row.split()[:7] == ["ABU", "1", "complete", "8/8", row.split()[4], row.split()[5], "plain"]

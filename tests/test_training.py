@@ -534,3 +534,34 @@ def test_create_checkpoints_false_keeps_the_checkpoints_and_ignores_the_walltime
     record = record_of(s)
     assert record["test_completed"] and record["checkpoints"] == [0, 19, 38, 40]
     assert not any("stopping at minibatch" in line for line in lines)
+
+
+def expected_activation_kernel(af_set):
+    """What a run of af_set must use here: the fused kernel wherever a C++ compiler exists (so a silent
+    fallback to the plain composition fails this test), else the plain composition with the reason."""
+    import shutil
+    import deepnet_network as net
+    if not net.FUSED_ABU:
+        return "plain: DEEPNET_FUSED_ABU=0"
+    if af_set not in net.FUSED_SETS.values():
+        return f"plain: no fused kernel for {af_set.split('_', 1)[1]} (only 5_blend5_swish and 1_relu have one)"
+    return "fused" if shutil.which(os.environ.get("CXX", "g++")) else None
+
+
+@pytest.mark.parametrize("af_set", ["5_blend5_swish", "1_relu", "1_tanh"])
+def test_a_training_run_uses_and_records_the_kernel_built_here(tiny_root, af_set):
+    import json
+    import deepnet_network as net
+    s = run_settings(tiny_root, af_set=af_set, blend_trainable=True, n_minibatches=8)
+    assert train(s) == 0
+    record, status = record_of(s), json.load(open(task.run_paths(s)["status"]))
+    expected = expected_activation_kernel(af_set)
+    if expected is None:                                          # no compiler: the reason is recorded
+        assert record["activation_kernel"].startswith("plain: compiling deepnet_abu_op.cc failed: no C++ compiler")
+    else:
+        assert record["activation_kernel"] == expected
+    assert status["activation_kernel"] == record["activation_kernel"]
+    assert record["activation_kernel_history"] == [[0, record["activation_kernel"]]]
+    assert record["activation_kernel_build"] == (net.kernel_build() if record["activation_kernel"] == "fused" else "")
+    if record["activation_kernel"] == "fused":
+        assert "-march=native" in record["activation_kernel_build"]   # built for this CPU, not the fallback target
