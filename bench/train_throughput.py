@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py            # default run, a few minutes on 2 cores
     python bench/train_throughput.py --quick    # a short run (fewer steps)
+    python bench/train_throughput.py --kernels-only   # the activation ops alone, GB/s
 
 Every graph is built by the suite's own deepnet_network.build_model (minibatch 256, CIFAR-shaped
 random data, keep_probs [0.5], training True, Adam, weight decay) in its own session with the
@@ -16,10 +17,12 @@ Peak RSS is that of a child process that builds only this configuration and runs
 the others use the fused kernels of deepnet_abu_op.cc, as training does. "x relu" is relative to
 the fused fixed 1_relu, the fastest exact ReLU.
 
+It starts with the activation ops alone (--kernels-only: only that): GB/s of activations forward
+and backward of TF's relu, the fused scaled relu and the fused ABU on smcn's largest activation.
 The last line is ``abu_over_relu=<x.xx> loop_efficiency=<y.yy>``: the fused 5_blend5_swish
 (unrestricted) step time over the fixed 1_relu one, and the suite training loop's images/s over
-a bare sess.run(train_op) loop's. Targets (issue): ABU <= 1.20 x ReLU, adaptive scaling <= 1.05 x
-fixed ReLU, an eval image < 1/3 of a train-step image.
+a bare sess.run(train_op) loop's. Targets (issues): ABU <= 1.08 x ReLU on AMD EPYC, <= 1.10 x on
+AVX-512 Intel Xeons, adaptive scaling <= 1.05 x fixed ReLU, an eval image < 1/3 of a train-step image.
 """
 import argparse
 import os
@@ -157,6 +160,54 @@ def measure_loop_efficiency(settings, steps, reps=3):
     return float(np.median(bare) / np.median(suite))
 
 
+KERNEL_SHAPE = (256, 32, 32, 64)  # smcn's largest activation: conv1/conv2 outputs of a 256-image minibatch
+
+
+def kernel_throughput(reps):
+    """GB/s of activations (float32 elements x 4 bytes per second, so forward and backward compare with the
+    same size) of each activation op alone, forward and backward, on smcn's largest activation tensor:
+    TF's relu / ReluGrad, the fused scaled relu and the fused ABU. Medians over reps, taking turns."""
+    rng = np.random.default_rng(0)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.Variable(rng.normal(size=KERNEL_SHAPE).astype(np.float32))
+        dy = tf.Variable(rng.normal(size=KERNEL_SHAPE).astype(np.float32))
+        weights = tf.constant([0.3, 0.2, 0.2, 0.2, 0.1])
+        beta = tf.constant(1.2)
+        library = net._abu_library()
+        ops = {"relu (TF)": (tf.nn.relu(x), tf.raw_ops.ReluGrad(gradients=dy, features=x)),
+               "scaled relu (fused)": (library.deepnet_scaled_relu(x, weights[0]),
+                                       library.deepnet_scaled_relu_grad(x, dy, weights[0])[0]),
+               "ABU blend5 (fused)": (library.deepnet_abu_forward(x, weights, beta),
+                                      library.deepnet_abu_backward(x, dy, weights, beta)[0])}
+        targets = {(name, direction): tensor.op for name, pair in ops.items()
+                   for direction, tensor in zip(("forward", "backward"), pair)}
+        init = tf.global_variables_initializer()
+    times = {key: [] for key in targets}
+    with tf.Session(graph=graph) as sess:
+        sess.run(init)
+        for target in targets.values():
+            sess.run(target)
+        for _ in range(reps):
+            for key, target in targets.items():
+                start = time.perf_counter()
+                sess.run(target)
+                times[key].append(time.perf_counter() - start)
+    gigabytes = 4 * int(np.prod(KERNEL_SHAPE)) / 1e9
+    return {key: gigabytes / float(np.median(values)) for key, values in times.items()}
+
+
+def print_kernel_throughput(reps):
+    rates = kernel_throughput(reps)
+    print(f"activation ops alone on {'x'.join(map(str, KERNEL_SHAPE))} float32, GB/s of activations "
+          f"(median of {reps}):")
+    for name in dict.fromkeys(name for name, _ in rates):
+        fwd, bwd = rates[name, "forward"], rates[name, "backward"]
+        print(f"  {name:22s} forward {fwd:6.2f}   backward {bwd:6.2f}   "
+              f"(x relu: {rates['relu (TF)', 'forward'] / fwd:5.2f} / {rates['relu (TF)', 'backward'] / bwd:5.2f})")
+    return rates
+
+
 def time_side_by_side(runners, args):
     for runner in runners:
         runner.train_steps(args.warmup, record=False)
@@ -219,6 +270,7 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=256, help="minibatch size")
     parser.add_argument("--quick", action="store_true", help="a short run: --reps 3 --warmup 1 --no-rss")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak-RSS children")
+    parser.add_argument("--kernels-only", action="store_true", help="only the activation ops' GB/s")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -235,6 +287,12 @@ def main(argv=None):
     labels = rng.integers(0, 10, args.batch).astype(np.int64)
     if args.rss_child is not None:
         return rss_child(args.rss_child, images, labels)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "unknown CPU")
+    print(f"{cpu}; activation kernel: {net.kernel_state()}; {net.kernel_build()}")
+    print_kernel_throughput(reps=5 if args.quick else 20)
+    if args.kernels_only:
+        return
     runners = [Runner(config, images, labels) for config in CONFIGS]
     for r in runners:
         if r.uses_fused_kernel() != r.config.fused:
