@@ -255,7 +255,7 @@ def _load_abu_library(rebuild=False):
         if built is not None:
             library = tf.load_op_library(paths["so"])
     except (OSError, tf.errors.OpError) as err:
-        built, why = None, f"loading {paths['so']} failed: {' '.join(str(err).split())}"
+        built, why = None, f"building or loading {paths['so']} failed: {' '.join(str(err).split())}"
     else:
         why = None if built is not None else _read_text(paths["failed"]).strip() or "the build failed"
     if built is None:
@@ -359,17 +359,22 @@ def _build_abu_library(paths, rebuild=False):
 
 
 def _compile(output, flags):
-    """Compile into output atomically; None on success, else the first error line."""
+    """Compile into output atomically; None on success, else the first error line. A compiler killed by a
+    signal raises OSError: that failure says nothing about the next try, so it is not cached."""
     partial = f"{output}.{os.getpid()}.tmp"
     try:
-        result = subprocess.run(_abu_build_command(partial, flags), capture_output=True, text=True)
-    except OSError as err:
-        return f"no C++ compiler: '{_compiler()}' cannot be run ({err.strerror}); install g++ or set CXX"
-    if result.returncode == 0 and os.path.exists(partial):
-        os.replace(partial, output)
-        return None
-    if os.path.exists(partial):
-        os.remove(partial)
+        try:
+            result = subprocess.run(_abu_build_command(partial, flags), capture_output=True, text=True)
+        except OSError as err:
+            return f"no C++ compiler: '{_compiler()}' cannot be run ({err.strerror}); install g++ or set CXX"
+        if result.returncode < 0:
+            raise OSError(f"the compiler was stopped by signal {-result.returncode}")
+        if result.returncode == 0 and os.path.exists(partial):
+            os.replace(partial, output)
+            return None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     lines = (result.stderr + result.stdout).strip().splitlines() or [f"exit status {result.returncode}"]
     return next((line for line in lines if "error" in line), lines[-1]).strip()[:300]
 
