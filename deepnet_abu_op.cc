@@ -11,8 +11,8 @@
 // branch and its slope, and tanh(|x|) = -m (2 + m) / (2 + 2m + m^2) without cancellation
 // near 0; u = exp(-|beta x|) gives the sigmoid. tanh and the sigmoid share one division.
 // DeepnetScaledRelu / DeepnetScaledReluGrad do the same for y = w relu(x).
-// float runs on packs of 16 values (GCC/clang vector extensions: one AVX-512 instruction,
-// two AVX2 or four SSE/NEON ones per operation), double element by element with <cmath>.
+// float runs on packs of values as wide as the target's vector registers (GCC/clang vector
+// extensions: 16 with AVX-512, 8 with AVX2, 4 with SSE/NEON), double element by element with <cmath>.
 // Sums are taken per fixed block of elements and added in block order, so results do not
 // depend on the number of threads. deepnet_network.py builds this file on first use and
 // reports when it cannot (the plain composition of TF ops is then used).
@@ -44,7 +44,14 @@ constexpr int kSums = kWeights + 1;  // the five blend weights and beta
 
 #define DEEPNET_INLINE inline __attribute__((always_inline))
 
+// The target's vector width: wider packs are split into several registers and run far slower (AVX2: ~7x).
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;  // SSE2, NEON
+#endif
 typedef float FloatPack __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IntPack __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -351,7 +358,6 @@ class ScaledReluGradOp : public OpKernel {
 
  private:
   static constexpr int64_t kBlock = 16384;
-  static constexpr int kLanes = 16;
 
   // dx over [begin, end); returns the block's sum of dy relu(x).
   static double Block(T w, const T* x, const T* dy, T* dx, int64_t begin, int64_t end) {
