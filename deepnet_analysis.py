@@ -7,9 +7,15 @@ line printed is the path of 0_analysis/report.html, the page to open.
 Which runs are analysed. A run is left out, and listed with the reason in 0_analysis/excluded_runs.csv
 (columns spec_name; run; category; reason; recorder), when
     no_recorder / unreadable   its recorder is missing or cannot be read
-    diverged                   diverged is True
+    diverged                   diverged is True but test_completed is not (diverged under an older suite: run it
+                               again and it is tested)
     incomplete                 test_completed is not True (or it has no early_stopping_mb / test_top1)
     bad_test_acc               its test accuracy lies in (0, 0.3): the original's "bad run" rule
+A run that diverged (its loss turned non-finite at diverged_at_mb) and was tested is analysed like any other, as
+in the original: its validations from the divergence on count as 0, so early stopping picked a checkpoint
+before it, and that checkpoint was tested. It is named in the "diverged runs" column and in the report.
+A run without a validation set (settings create_val_set False) validated on the test set, for monitoring only:
+its validations are ignored here, so its val columns are empty and nothing is picked on the test set.
 As in the original, a run whose mean validation accuracy (mean of val_top1_hist over the whole run) is above
 0.95 or below 0.3 only gets a printed warning: the original prints "excluded" but keeps the run, so it is kept.
 An experiment without any complete run is a UserError; one whose complete runs are all bad is analysed (empty
@@ -28,8 +34,10 @@ then the suite's extra columns (values at the tested minibatch, not in the origi
                                               es-val_every+1 .. es (val_every from the settings, else the
                                               spacing of val_mb_n_hist); NaN when es is 0
     val acc at e.s. mb [median; ...; min]     per run: raw val_top1 at es (or the last validation before it)
+    diverged runs                             'run 3 diverged at mb 1234, ...' for the analysed runs that diverged
 Every var/std in this file is the population statistic (ddof 0, numpy's default, as in the original), so a
-single run has std 0. NaN is written 'nan'. Accuracies are fractions in [0, 1].
+single run has std 0. NaN is written 'nan'; an empty cell has no value (the val columns of a spec without a
+validation set). Accuracies are fractions in [0, 1].
 
 performance_summary_<spec>.pkl: the original's dictionary (same keys: spec_name, n_runs, t_/v_loss_run_min_list and
 t_/v_top1_run_max_list with their _median/_max/_min/_mean/_var/_std, the curves over runs on t_mb / v_mb:
@@ -51,8 +59,15 @@ significance.csv, each spec's test acc against the reference spec's (sample stat
     *_holm                           Holm-Bonferroni step-down adjustment over all specs with a p value
     hedges_g                         J * (mean_spec - mean_ref) / s_pooled, s_pooled^2 = ((n1-1) s1^2 + (n2-1)
                                      s2^2) / (n1 + n2 - 2), J = 1 - 3 / (4 (n1 + n2) - 9)
+    n_pairs                          runs matched by run number (run k of every spec shares its seed: the same
+                                     split, minibatch order, dropout masks and initial weights)
+    paired_t_p                       two-sided paired t-test over the pairs (scipy.stats.ttest_rel)
+    wilcoxon_p                       two-sided Wilcoxon signed-rank test over the pairs (scipy.stats.wilcoxon:
+                                     zero differences dropped, exact for small samples)
 A spec (or a reference) with fewer than 2 runs gets NaN p values, interval and g (so does a pair of specs whose
-runs all have the same test accuracy); NaN p values do not count towards the Holm correction.
+runs all have the same test accuracy); fewer than 2 pairs give NaN paired p values, as do differences that are
+all the same (t-test) or all 0 (Wilcoxon); NaN p values do not count towards the Holm correction. Every test is
+Holm-corrected on its own.
 """
 import io
 import math
@@ -76,11 +91,13 @@ STAT_NAMES = ("median", "mean", "var", "std", "max", "min")
 AT_ES_KINDS = ("train", "val")
 SIGNIFICANCE_COLUMNS = ("spec_name", "reference", "n", "n_reference", "mean_diff", "mean_diff_ci_low",
                         "mean_diff_ci_high", "welch_p", "mannwhitney_p", "welch_p_holm", "mannwhitney_p_holm",
-                        "hedges_g")
+                        "hedges_g", "n_pairs", "paired_t_p", "wilcoxon_p", "paired_t_p_holm", "wilcoxon_p_holm")
+P_VALUES = ("welch_p", "mannwhitney_p", "paired_t_p", "wilcoxon_p")   # each Holm-adjusted over the specs
 EXCLUDED_COLUMNS = ("spec_name", "run", "category", "reason", "recorder")
 BAD_TEST_ACC = (0.0, 0.3)          # the original's bad-run rule: test acc in this open interval -> excluded
 VAL_MEAN_WARNING = (0.3, 0.95)     # the original's warning: mean val acc of the run outside this interval
 CONFIDENCE = 0.95
+NO_SPREAD = 1e-12                  # paired differences that differ by no more than this are all the same
 AF_X = np.linspace(-3.0, 3.0, 241)
 
 
@@ -117,8 +134,9 @@ def check_run(exp_dir, spec, run):
         return None, "unreadable", f"unreadable recorder ({err})"
     if not isinstance(record, dict):
         return None, "unreadable", "unreadable recorder (not a dict)"
-    if record.get("diverged"):
-        return None, "diverged", f"diverged at minibatch {record.get('diverged_at_mb')}"
+    if not record.get("test_completed") and record.get("diverged"):
+        return None, "diverged", (f"diverged at minibatch {record.get('diverged_at_mb')}, not tested (run it "
+                                  "again: it retrains to there and tests the best checkpoint before it)")
     if not record.get("test_completed"):
         trained = record.get("mb_count_total")
         total = (record.get("settings") or {}).get("n_minibatches")
@@ -153,10 +171,23 @@ def bad_test_reason(record):
     return None
 
 
+def validation_history(record):
+    """(minibatches, top1, loss) of the run's validations; all empty for a run without a validation set (it
+    validated on the test set, for monitoring only: never a val column, never a pick)."""
+    if not (record.get("settings") or {}).get("create_val_set", True):
+        return [], [], []
+    return (record.get("val_mb_n_hist") or [], record.get("val_top1_hist") or [],
+            record.get("val_loss_hist") or [])
+
+
+def has_validation_set(record):
+    return bool((record.get("settings") or {}).get("create_val_set", True))
+
+
 def val_mean_warning(spec, run, record):
     """The original's warning for a mean validation accuracy outside [0.3, 0.95] (the run is kept), or None."""
-    values = record.get("val_top1_hist") or []
-    if not record.get("val_mb_n_hist") or not values:
+    mbs, values, _ = validation_history(record)
+    if not mbs or not values:
         return None
     mean = float(np.mean(values))
     if VAL_MEAN_WARNING[0] <= mean <= VAL_MEAN_WARNING[1]:
@@ -207,10 +238,11 @@ def val_every(record):
 def val_acc_at(record, mb):
     """Raw val_top1 at minibatch mb (or at the last validation before it); NaN if none."""
     best = None
-    for i, val_mb in enumerate(record.get("val_mb_n_hist") or []):
-        if val_mb <= mb and i < len(record.get("val_top1_hist") or []):
+    mbs, top1, _ = validation_history(record)
+    for i, val_mb in enumerate(mbs):
+        if val_mb <= mb and i < len(top1):
             best = i
-    return float(record["val_top1_hist"][best]) if best is not None else math.nan
+    return float(top1[best]) if best is not None else math.nan
 
 
 def train_acc_at(record, mb, window):
@@ -287,9 +319,7 @@ def original_summary(spec, records):
     for record in records:
         train.append((record.get("train_mb_n_hist") or [], record.get("train_top1_hist") or [],
                       record.get("train_loss_hist") or []))
-        val.append(without_repeated_validations(record.get("val_mb_n_hist") or [],
-                                                record.get("val_top1_hist") or [],
-                                                record.get("val_loss_hist") or []))
+        val.append(without_repeated_validations(*validation_history(record)))
     t_top1 = over_runs([(mbs, top1) for mbs, top1, _ in train])
     t_loss = over_runs([(mbs, loss) for mbs, _, loss in train])
     v_top1 = over_runs([(mbs, top1) for mbs, top1, _ in val])
@@ -371,15 +401,34 @@ def compare(a, b):
             "welch_p": welch_p, "mannwhitney_p": mannwhitney_p, "hedges_g": hedges_g(a, b)}
 
 
+def compare_paired(a, b):
+    """Paired t-test and Wilcoxon signed-rank test (both two-sided) of a against b over the run numbers both
+    have: {run: value} each. NaN p values with fewer than 2 pairs; the t-test also when every difference is the
+    same (to NO_SPREAD), the Wilcoxon test when every difference is 0."""
+    pairs = sorted(set(a) & set(b))
+    x, y = np.array([a[run] for run in pairs], np.float64), np.array([b[run] for run in pairs], np.float64)
+    differences = x - y
+    t_p = wilcoxon_p = math.nan
+    if len(pairs) >= 2 and np.ptp(differences) > NO_SPREAD:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            t_p = float(stats.ttest_rel(x, y).pvalue)
+    if len(pairs) >= 2 and np.any(differences != 0):
+        wilcoxon_p = float(stats.wilcoxon(x, y).pvalue)
+    return {"n_pairs": len(pairs), "paired_t_p": t_p, "wilcoxon_p": wilcoxon_p}
+
+
 def significance_rows(test_accs, reference):
-    """One row per spec other than the reference, Holm-adjusted over those rows."""
+    """One row per spec other than the reference, Holm-adjusted over those rows; test_accs: spec -> {run: test
+    acc} (paired tests match runs by number: run k of every spec shares its seed)."""
     ref = test_accs[reference]
     rows = []
-    for spec, values in test_accs.items():
+    for spec, by_run in test_accs.items():
         if spec != reference:
-            rows.append({"spec_name": spec, "reference": reference, "n": len(values),
-                         "n_reference": len(ref), **compare(values, ref)})
-    for key in ("welch_p", "mannwhitney_p"):
+            values, ref_values = list(by_run.values()), list(ref.values())
+            rows.append({"spec_name": spec, "reference": reference, "n": len(values), "n_reference": len(ref),
+                         **compare(values, ref_values), **compare_paired(by_run, ref)})
+    for key in P_VALUES:
         for row, adjusted in zip(rows, holm([row[key] for row in rows])):
             row[f"{key}_holm"] = float(adjusted)
     return rows
@@ -388,6 +437,8 @@ def significance_rows(test_accs, reference):
 # ---------------------------------------------------------------- tables
 
 def format_value(value):
+    if value is None:
+        return ""
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
     if isinstance(value, (int, np.integer)):
@@ -411,11 +462,12 @@ def performance_columns():
         columns += [f"{kind} acc [{name}]" for name in STAT_NAMES]
     for kind in AT_ES_KINDS:
         columns += [f"{kind} acc at e.s. mb [{name}]" for name in STAT_NAMES]
-    return columns
+    return columns + ["diverged runs"]
 
 
-def performance_row(summary, metrics):
-    """One main_performance_analysis.csv row from the original summary and the per-run metrics at es."""
+def performance_row(summary, metrics, records):
+    """One main_performance_analysis.csv row from the original summary and the per-run metrics at es. The val
+    columns are empty when no run of the spec had a validation set."""
     row = {"spec_name": summary["spec_name"], "n_runs": summary["n_runs"],
            "test / e.s. mb [mean]": float(summary["test_mb_n_mean"]),
            "test / e.s. mb [std]": float(summary["test_mb_n_std"])}
@@ -425,6 +477,10 @@ def performance_row(summary, metrics):
     for kind in AT_ES_KINDS:
         for name, value in describe([m[f"{kind}_acc"] for m in metrics]).items():
             row[f"{kind} acc at e.s. mb [{name}]"] = value
+    if not any(has_validation_set(record) for record in records):
+        row.update({key: None for key in row if key.startswith("val acc")})
+    row["diverged runs"] = ", ".join(f"run {record['run']} diverged at mb {record['diverged_at_mb']}"
+                                     for record in records if record.get("diverged"))
     return row
 
 
@@ -448,7 +504,7 @@ def band(matrix):
 
 
 def val_curves(records):
-    return on_common_grid([(r.get("val_mb_n_hist") or [], r.get("val_top1_hist") or []) for r in records])
+    return on_common_grid([validation_history(r)[:2] for r in records])
 
 
 # ---------------------------------------------------------------- plots
@@ -496,7 +552,7 @@ def plot_spec_performance(spec, curve, n_runs, path):
 def plot_all_runs(spec, runs, records, path):
     fig, (ax,) = new_figure(width=7, height=4.5)
     for run, record in zip(runs, records):
-        ax.plot(record.get("val_mb_n_hist") or [], record.get("val_top1_hist") or [], lw=0.8,
+        ax.plot(*validation_history(record)[:2], lw=0.8,
                 label=f"run {run}")
     ax.set(xlabel="minibatch", ylabel="validation accuracy", title=f"{spec}: every run")
     ax.grid(alpha=0.3)
@@ -739,7 +795,7 @@ def analyse_experiment(exp_dir, reference="relu", out=print):
     analysis_dir = os.path.join(exp_dir, "0_analysis")
     experiment = os.path.basename(exp_dir)
     performance, excluded, notes, test_accs, curves, summaries, plots, settings = [], [], [], {}, {}, {}, {}, {}
-    kernels = {}
+    kernels, diverged = {}, []
     for spec in specs:
         runs, records, spec_excluded, spec_notes = load_spec(exp_dir, spec, out)
         excluded += spec_excluded
@@ -751,8 +807,11 @@ def analyse_experiment(exp_dir, reference="relu", out=print):
         curves[spec] = (grid, *band(matrix))
         plots[spec] = spec_plots(exp_dir, spec, runs, records, analysis_dir, curves[spec], out)
         summaries[spec] = spec_summary(spec, runs, records, metrics, curves[spec], spec_excluded, spec_notes)
-        performance.append(performance_row(summaries[spec], metrics))
-        test_accs[spec] = [m["test_acc"] for m in metrics]
+        performance.append(performance_row(summaries[spec], metrics, records))
+        test_accs[spec] = {run: m["test_acc"] for run, m in zip(runs, metrics)}
+        diverged += [{"spec_name": spec, "run": run, "diverged_at_mb": record["diverged_at_mb"],
+                      "early_stopping_mb": m["early_stopping_mb"]}
+                     for run, record, m in zip(runs, records, metrics) if record.get("diverged")]
         settings[spec] = [record.get("settings") or {} for record in records]
         kernels[spec] = [(record.get("activation_kernel"), record.get("activation_kernel_build")) for record in records]
     write_csv(os.path.join(analysis_dir, "excluded_runs.csv"), EXCLUDED_COLUMNS, excluded)
@@ -772,7 +831,8 @@ def analyse_experiment(exp_dir, reference="relu", out=print):
     report = deepnet_report.write_report(
         os.path.join(analysis_dir, "report.html"), exp_dir=exp_dir, reference=reference, specs=specs,
         performance=performance, significance=significance, excluded=excluded, warnings=notes,
-        experiment_plot=experiment_plot, spec_plots=plots, settings=settings, kernels=kernels)
+        experiment_plot=experiment_plot, spec_plots=plots, settings=settings, diverged=diverged,
+        kernels=kernels)
     hparams = {spec: settings[spec][0] if spec in settings else first_settings(exp_dir, spec) for spec in specs}
     hparams = {spec: values for spec, values in hparams.items() if values}
     if hparams:
@@ -782,7 +842,7 @@ def analyse_experiment(exp_dir, reference="relu", out=print):
     out(f"TensorBoard (curves, histograms, HParams): tensorboard --logdir {os.path.join(exp_dir, '0_summaries')}")
     out(f"report: {report}")
     return {"performance": performance, "significance": significance, "excluded": excluded, "warnings": notes,
-            "analysis_dir": analysis_dir, "report": report}
+            "diverged": diverged, "analysis_dir": analysis_dir, "report": report}
 
 
 def significance_table(test_accs, reference, analysis_dir, out):
@@ -804,17 +864,18 @@ def summary_table(performance, significance, reference):
     by_spec = {row["spec_name"]: row for row in significance or []}
     width = max([len("spec")] + [len(row["spec_name"]) for row in performance])
     lines = [f"{'spec':<{width}}  {'n':>3}  {'test acc [%]':>15}  {'Δ vs ' + reference + ' [pp]':>16}  "
-             f"{'p Welch (Holm)':>14}"]
+             f"{'p paired t (Holm)':>17}  {'p Welch (Holm)':>14}"]
     for row in performance:
         spec = row["spec_name"]
         acc = f"{100 * row['test acc [mean]']:.2f} ± {100 * row['test acc [std]']:.2f}"
         if spec == reference:
-            delta, p = "(reference)", ""
+            delta, paired, p = "(reference)", "", ""
         elif spec in by_spec:
             delta = f"{100 * by_spec[spec]['mean_diff']:+.2f}"
+            paired = deepnet_report.format_p(by_spec[spec]["paired_t_p_holm"])
             p = deepnet_report.format_p(by_spec[spec]["welch_p_holm"])
         else:
-            delta, p = "", ""
-        lines.append(f"{spec:<{width}}  {row['n_runs']:>3}  {acc:>15}  {delta:>16}  {p:>14}")
+            delta, paired, p = "", "", ""
+        lines.append(f"{spec:<{width}}  {row['n_runs']:>3}  {acc:>15}  {delta:>16}  {paired:>17}  {p:>14}")
     return "\n".join(lines)
 

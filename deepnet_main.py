@@ -19,7 +19,8 @@ NETWORKS = ("smcn", "smcnLin", "smcnDeep", "smcnBN")
 MODES = ("training", "test", "analysis")
 OPTIMIZERS = ("Adam", "SGD", "Momentum", "Nesterov")
 LR_SCHEDULES = ("constant", "decay", "linear", "step")
-BLEND_MODES = ("unrestricted", "normalized", "posnormed", "absnormed", "softmaxed")
+BLEND_MODES = ("unrestricted", "normalized", "posnormed", "absnormed", "softmaxed", "clipnormed")
+BN_INFERENCE = ("batch_statistics", "moving_averages")
 AF_INITS = ("default", "predefined")
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
 
@@ -65,9 +66,11 @@ FLAGS = [
     ("safe_af_ws_n", int, 10, "save the trainable AF weights at round(linspace(1, N, this)) (distinct minibatches)"),
     ("safe_all_ws_n", int, 2, "save all weights at round(linspace(1, N, this)) (distinct minibatches)"),
     ("load_af_weights_from", str, "", "spec whose newest AF-weights file (same run) initialises the blend"),
+    ("load_af_weights_experiment", str, "", "experiment holding -load_af_weights_from's files (default: this run's)"),
     ("norm_blendw_at_init", boolean, False, "rescale predefined blend weights to sum 1"),
     ("blend_trainable", boolean, False, "train the blend weights (one function: adaptive scaling)"),
-    ("blend_mode", str, "unrestricted", f"{', '.join(BLEND_MODES)}"),
+    ("blend_mode", str, "unrestricted", f"{', '.join(BLEND_MODES)} (posnormed is the original's: the same as "
+     "normalized; clipnormed clips to [1e-4, 1e3], then normalises)"),
     ("swish_beta_trainable", boolean, False, "train swish's beta"),
     ("walltime", float, 0.0, "minutes this process may run (0: no limit); stops at a checkpoint in time"),
     ("create_checkpoints", boolean, True, "allow stopping at a checkpoint for -walltime (as the original; "
@@ -76,6 +79,8 @@ FLAGS = [
     ("save_af_weights_at_test_mb", boolean, True, "save AF weights of the tested model"),
     ("save_all_weights_at_test_mb", boolean, True, "save all weights of the tested model"),
     ("create_lc_on_the_fly", boolean, True, "plot learning curves at each checkpoint"),
+    ("bn_inference", str, "batch_statistics", f"{', '.join(BN_INFERENCE)}: what batch norm (smcnBN) normalises "
+     "with at validation and test (batch statistics: in batches of -minibatch_size, as the original)"),
     ("seed", int, None, "random seed (default: the run number, pairing runs across specs)"),
     ("val_every", int, 20, "validate every this many minibatches"),
     ("reference", str, "relu", "analysis: the spec every other spec is compared with"),
@@ -104,9 +109,11 @@ def validate(s):
     """Check every setting; returns the settings with derived defaults filled in (UserError if bad)."""
     for flag, choices in (("task", TASKS), ("preprocessing", PREPROCESSINGS), ("network", NETWORKS),
                           ("mode", MODES), ("optimizer", OPTIMIZERS), ("lr_schedule_type", LR_SCHEDULES),
-                          ("blend_mode", BLEND_MODES), ("af_weights_init", AF_INITS)):
+                          ("blend_mode", BLEND_MODES), ("af_weights_init", AF_INITS), ("bn_inference", BN_INFERENCE)):
         _choice(s, flag, choices)
-    for flag in ("experiment_name", "spec_name"):
+    for flag in ("experiment_name", "spec_name", "load_af_weights_experiment"):
+        if flag == "load_af_weights_experiment" and not s[flag]:
+            continue  # empty: this run's own experiment
         _require(re.fullmatch(NAME_PATTERN, s[flag]) and not s[flag].startswith("0_"), flag,
                  f"'{s[flag]}' must be letters, digits, '_', '.', '+', '-' (not starting with '0_')")
     for flag, low in (("n_minibatches", 1), ("run", 0), ("minibatch_size", 1), ("lr_lin_steps", 1),

@@ -59,17 +59,21 @@ NAMED_BLENDS = {"blend5_swish": ("relu", "jelu", "tanh", "jswish", "linu")}
 
 POSNORM_MIN, POSNORM_MAX = 1e-4, 1e3
 
+# 'posnormed' is the original's: it computed the clipped weights, then overwrote them with the 'normalized'
+# ones, so it IS 'normalized' (every ABU_P number of the paper is an ABU_N number). 'clipnormed' is what
+# posnormed was meant to be: clip to [POSNORM_MIN, POSNORM_MAX], then normalise.
 BLEND_MODES = {
     "unrestricted": (lambda w: w, lambda w: w),
     "normalized": (lambda w: w / tf.reduce_sum(w), lambda w: w / np.sum(w)),
-    "posnormed": (lambda w: _posnorm(w, tf.clip_by_value, tf.reduce_sum),
-                  lambda w: _posnorm(w, np.clip, np.sum)),
+    "posnormed": (lambda w: w / tf.reduce_sum(w), lambda w: w / np.sum(w)),
     "absnormed": (lambda w: w / tf.reduce_sum(tf.abs(w)), lambda w: w / np.sum(np.abs(w))),
     "softmaxed": (lambda w: tf.nn.softmax(w), lambda w: np.exp(w - np.max(w)) / np.sum(np.exp(w - np.max(w)))),
+    "clipnormed": (lambda w: _clipnorm(w, tf.clip_by_value, tf.reduce_sum),
+                   lambda w: _clipnorm(w, np.clip, np.sum)),
 }
 
 
-def _posnorm(w, clip, total):
+def _clipnorm(w, clip, total):
     clipped = clip(w, POSNORM_MIN, POSNORM_MAX)
     return clipped / total(clipped)
 
@@ -410,6 +414,19 @@ ARCHITECTURES = {
 }
 BATCH_NORM_NETWORKS = {"smcnBN"}
 BN_DECAY, BN_EPSILON = 0.99, 1e-3
+# What batch norm normalises with at inference: the batch's own statistics, as the original (its layers ran with
+# training=True throughout; evaluation then goes in batches of -minibatch_size), or the moving averages.
+BN_INFERENCE = ("batch_statistics", "moving_averages")
+
+
+def bn_inference(settings):
+    """settings['bn_inference'], by default the original's batch statistics."""
+    return settings.get("bn_inference", BN_INFERENCE[0])
+
+
+def uses_batch_statistics(settings):
+    """Whether inference depends on the batch: batch norm with batch statistics (evaluate in minibatches)."""
+    return settings["network"] in BATCH_NORM_NETWORKS and bn_inference(settings) == "batch_statistics"
 
 
 def layer_names(network):
@@ -462,8 +479,9 @@ def _dropout(x, keep_probs, index, step, seed):
     return tf.cond(keep < 1.0, dropped, lambda: x)
 
 
-def _batch_norm(x, training, name):
-    """Batch statistics in training, moving averages at inference (update ops in UPDATE_OPS)."""
+def _batch_norm(x, training, name, inference=BN_INFERENCE[0]):
+    """Batch statistics in training; at inference those of the batch too, or the moving averages
+    (inference='moving_averages'). The moving averages are kept up to date either way (UPDATE_OPS)."""
     with tf.variable_scope(name):
         axes = list(range(len(x.shape) - 1))
         depth = x.shape[-1]
@@ -477,8 +495,11 @@ def _batch_norm(x, training, name):
         for moving, batch in ((moving_mean, mean), (moving_var, var)):
             tf.add_to_collection(tf.GraphKeys.UPDATE_OPS,
                                  tf.assign(moving, BN_DECAY * moving + (1 - BN_DECAY) * batch))
-        mean, var = tf.cond(training, lambda: (mean, var),
-                            lambda: (tf.identity(moving_mean), tf.identity(moving_var)))
+        if inference == "moving_averages":
+            mean, var = tf.cond(training, lambda: (mean, var),
+                                lambda: (tf.identity(moving_mean), tf.identity(moving_var)))
+        elif inference != "batch_statistics":
+            raise ValueError(f"unknown batch-norm inference '{inference}' (known: {', '.join(BN_INFERENCE)})")
         return tf.nn.batch_normalization(x, mean, var, beta, gamma, BN_EPSILON)
 
 
@@ -534,7 +555,8 @@ def _activation_layer(preact, settings, af_init, training, use_bn):
         _summarise_variable(beta, "swish_beta")
     transform = None
     if use_bn and len(names) > 1:
-        transform = lambda c, i: _batch_norm(c, training, f"bn_component{i + 1}")  # noqa: E731
+        inference = bn_inference(settings)
+        transform = lambda c, i: _batch_norm(c, training, f"bn_component{i + 1}", inference)  # noqa: E731
     out = activation(preact, settings["af_set"], raw, 1.0 if beta is None else beta[0],
                      settings["blend_mode"], component_transform=transform)
     _activation_summaries(out, "activation")
@@ -596,7 +618,7 @@ def inference(inputs, settings, af_init=None):
                 if kind == "logits":
                     break
                 if use_bn:
-                    x = _batch_norm(x, inputs.training, "bn")
+                    x = _batch_norm(x, inputs.training, "bn", bn_inference(settings))
                 preacts[name] = x
                 x, af_vars[name] = _activation_layer(x, settings, af_init[name], inputs.training, use_bn)
                 activations[name] = x

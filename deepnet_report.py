@@ -34,8 +34,13 @@ SPEC_PLOTS = (
     ("preactivation_stats", "Pre-activation mean and std over training"),
 )
 COLUMNS = ("spec", "runs analysed", "excluded", "diverged", "test acc [%] mean ± std", "test acc [%] median",
-           "Δ to reference [pp]", "95 % CI of Δ [pp]", "Welch p", "Welch p (Holm)", "Mann–Whitney p",
-           "Mann–Whitney p (Holm)", "Hedges' g")
+           "Δ to reference [pp]", "95 % CI of Δ [pp]", "pairs", "paired t p", "paired t p (Holm)", "Wilcoxon p",
+           "Wilcoxon p (Holm)", "Welch p", "Welch p (Holm)", "Mann–Whitney p", "Mann–Whitney p (Holm)", "Hedges' g")
+LEAD = ("The paired tests lead: run k of every spec shares its seed, so its validation split, the order of its "
+        "minibatches, its dropout masks and its initial weights are the same, and the paired t-test and the "
+        "Wilcoxon signed-rank test compare each run with the reference's run of the same number, which removes "
+        "the run-to-run variation that pairs share. The unpaired Welch and Mann–Whitney tests, which ignore the "
+        "pairing, follow for comparison.")
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em auto; padding: 0 1em; max-width: 1250px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.6em; } h3 { margin-top: 1.4em; }
@@ -112,8 +117,9 @@ def anchor(spec):
 
 # ---------------------------------------------------------------- the comparison table
 
-def comparison_rows(specs, performance, significance, excluded, reference):
-    """Per spec: counts and its CSV rows; analysed specs sorted by mean test acc (best first), then the others."""
+def comparison_rows(specs, performance, significance, excluded, reference, diverged=()):
+    """Per spec: counts and its CSV rows; analysed specs sorted by mean test acc (best first), then the others.
+    diverged: the analysed runs that diverged (counted with the untested diverged runs, which are excluded)."""
     by_perf = {row["spec_name"]: row for row in performance}
     by_sig = {row["spec_name"]: row for row in significance or []}
     rows = []
@@ -122,7 +128,8 @@ def comparison_rows(specs, performance, significance, excluded, reference):
         rows.append({"spec": spec, "perf": by_perf.get(spec), "sig": by_sig.get(spec),
                      "analysed": by_perf[spec]["n_runs"] if spec in by_perf else 0,
                      "excluded": sum(row["category"] != "diverged" for row in gone),
-                     "diverged": sum(row["category"] == "diverged" for row in gone),
+                     "diverged": sum(row["category"] == "diverged" for row in gone)
+                     + sum(row["spec_name"] == spec for row in diverged),
                      "reference": spec == reference})
     analysed = sorted((r for r in rows if r["perf"]), key=lambda r: (-r["perf"]["test acc [mean]"], r["spec"]))
     return analysed + [r for r in rows if not r["perf"]]
@@ -144,8 +151,11 @@ def comparison_cells(row):
         interval = MISSING if is_missing(low) else f"[{points(low)}, {points(high)}]"
     else:
         delta = interval = MISSING
+    pairs = str(sig["n_pairs"]) if "n_pairs" in sig else MISSING
     return [row["spec"], number(str(row["analysed"])), number(str(row["excluded"])), number(str(row["diverged"])),
-            number(acc), number(median), number(delta), number(interval),
+            number(acc), number(median), number(delta), number(interval), number(pairs),
+            number(p_cell(sig.get("paired_t_p"))), number(p_cell(sig.get("paired_t_p_holm"))),
+            number(p_cell(sig.get("wilcoxon_p"))), number(p_cell(sig.get("wilcoxon_p_holm"))),
             number(p_cell(sig.get("welch_p"))), number(p_cell(sig.get("welch_p_holm"))),
             number(p_cell(sig.get("mannwhitney_p"))), number(p_cell(sig.get("mannwhitney_p_holm"))),
             number(g_cell(sig.get("hedges_g")))]
@@ -319,25 +329,31 @@ def figure(path, caption, why_missing=None):
 
 
 def write_report(path, exp_dir, reference, specs, performance, significance, excluded, warnings,
-                 experiment_plot, spec_plots, settings, kernels=None):
-    """Write the report to path and return path. Inputs are deepnet_analysis's rows, plots, run settings and
-    activation implementations (kernel_section)."""
+                 experiment_plot, spec_plots, settings, diverged=(), kernels=None):
+    """Write the report to path and return path. Inputs are deepnet_analysis's rows, plots, run settings,
+    analysed diverged runs and activation implementations (kernel_section)."""
     experiment = os.path.basename(os.path.normpath(exp_dir))
-    rows = comparison_rows(specs, performance, significance, excluded, reference)
+    rows = comparison_rows(specs, performance, significance, excluded, reference, diverged)
     parts = [element("h1", esc(f"Experiment {experiment}")),
              element("p", esc(f"{os.path.abspath(exp_dir)} — reference spec: {reference}"), class_="note"),
              element("h2", "Comparison"), comparison_table(rows),
+             element("p", esc(LEAD), class_="note"),
              element("p", esc("Test accuracy over the analysed runs (std with ddof 0, as main_performance_analysis"
                               ".csv). Δ = mean(spec) − mean(reference) in percentage points with its 95 % "
-                              "Welch–Satterthwaite interval; p values two-sided, Holm-corrected over all specs; "
-                              "Hedges' g with the small-sample correction (significance.csv). Excluded: incomplete, "
-                              "unreadable or bad runs (test accuracy in (0, 0.3))."), class_="note")]
+                              "Welch–Satterthwaite interval; pairs: runs of the same number in both specs; p values "
+                              "two-sided, each test Holm-corrected over all specs; Hedges' g with the small-sample "
+                              "correction (significance.csv). Excluded: incomplete, unreadable or bad runs (test "
+                              "accuracy in (0, 0.3)). Diverged: runs whose loss turned non-finite; they are tested "
+                              "from the best checkpoint before the divergence (later validations count as 0, as in "
+                              "the original) and counted."), class_="note")]
     if significance is None:
         parts.append(element("p", esc(f"No significance tests: the reference spec '{reference}' has no analysed run."),
                              class_="missing"))
     notes = [f"{row['spec_name']} run {row['run']}: {row['reason']}" for row in excluded] + list(warnings)
+    notes += [f"{row['spec_name']} run {row['run']}: diverged at mb {row['diverged_at_mb']}; tested from mb "
+              f"{row['early_stopping_mb']} and counted" for row in diverged]
     if notes:
-        parts += [element("h3", "Runs left out and warnings"),
+        parts += [element("h3", "Runs left out, diverged runs and warnings"),
                   element("ul", "".join(element("li", esc(note)) for note in notes))]
     parts += [element("h2", "Validation curves"),
               figure(experiment_plot, f"Mean validation accuracy over runs per spec ({experiment})", "no analysed run"),

@@ -37,6 +37,12 @@ def experiment_dir(s):
     return os.path.join(s["path_relative"], "3_output_cifar", s["experiment_name"])
 
 
+def af_weights_source_dir(s):
+    """The experiment folder -af_weights_init predefined reads from: -load_af_weights_experiment, else the run's
+    own (the original's only choice)."""
+    return experiment_dir(dict(s, experiment_name=s.get("load_af_weights_experiment") or s["experiment_name"]))
+
+
 def run_paths(s):
     """Every file and folder of one run, derived from the settings."""
     exp = experiment_dir(s)
@@ -259,15 +265,28 @@ def per_class_accuracy(predictions, labels, n_classes):
     return np.divide(hits, counts, out=np.full(n_classes, np.nan), where=counts > 0)
 
 
+def evaluation_batches(n_images, s):
+    """The slices a set is evaluated in: EVAL_BATCH images at a time; where inference depends on the batch
+    (smcnBN with batch statistics), the original's full minibatches in order, the remainder left out (a set
+    smaller than one minibatch: one batch of all)."""
+    if not net.uses_batch_statistics(s):
+        return [slice(start, min(start + EVAL_BATCH, n_images)) for start in range(0, n_images, EVAL_BATCH)]
+    size = s["minibatch_size"]
+    if n_images < size:
+        return [slice(0, n_images)]
+    return [slice(start, start + size) for start in range(0, n_images - size + 1, size)]
+
+
 def evaluate(sess, model, images, labels, s):
     """Loss (with weight decay when on, as the original's), cross-entropy, top-1, top-5, per-class accuracy
-    and pre-activation statistics over a whole set."""
-    n, totals = len(images), np.zeros(4)
+    and pre-activation statistics over a whole set (see evaluation_batches)."""
+    batches = evaluation_batches(len(images), s)
+    n, totals = batches[-1].stop, np.zeros(4)
+    images, labels = images[:n], labels[:n]
     predictions = np.empty(n, np.int64)
     moments = {name: np.zeros(2) for name in model.preact_stats}
     feed_base = {model.inputs.keep_probs: s["dropout_keep_probs_inference"]}
-    for start in range(0, n, EVAL_BATCH):
-        batch = slice(start, min(start + EVAL_BATCH, n))
+    for batch in batches:
         feed = {model.inputs.images: images[batch], model.inputs.labels: labels[batch], **feed_base}
         loss, xentropy, top1, top5, pred, stats = sess.run(
             [model.loss, model.cross_entropy, model.top1, model.top5, model.predictions, model.preact_stats], feed)
@@ -525,8 +544,9 @@ def log_hparams(writer, s):
 def log_final_metrics(writer, record):
     """The HParams metrics of a tested run, as scalars at its last minibatch."""
     values = {"hparams/test_top1": record["test_top1"], "hparams/test_top5": record["test_top5"],
-              "hparams/best_val_top1": max(record["val_top1_hist"]),
               "hparams/early_stopping_mb": record["early_stopping_mb"]}
+    if record["settings"]["create_val_set"]:  # without one, the validations ran on the test set
+        values["hparams/best_val_top1"] = max(record["val_top1_hist"])
     writer.add_summary(tf.Summary(value=[tf.Summary.Value(tag=tag, simple_value=float(value))
                                          for tag, value in values.items()]), record["mb_count_total"])
     writer.flush()
@@ -587,18 +607,17 @@ def prepare(s):
         raise UserError(f"{paths['run_dir']}: this run is already running ({holder})")
     af_init = None
     if s["af_weights_init"] == "predefined":
-        af_init = net.predefined_af_init(experiment_dir(s), s["load_af_weights_from"], s["run"],
+        af_init = net.predefined_af_init(af_weights_source_dir(s), s["load_af_weights_from"], s["run"],
                                          s["network"], s["af_set"], s["norm_blendw_at_init"])
     return paths, af_init
 
 
 def read_state(paths):
-    """('complete'|'diverged'|'resume'|'fresh'|'orphan', record or None)."""
+    """('complete'|'resume'|'fresh'|'orphan', record or None). A diverged run that is not tested yet resumes:
+    it retrains to its divergence, exactly, and is tested."""
     record = load_pickle(paths["record"]) if os.path.isfile(paths["record"]) else None
     if record is not None and record.get("test_completed"):
         return "complete", record
-    if record is not None and record.get("diverged"):
-        return "diverged", record
     if checkpoint_dirs(paths["models"]):
         return "resume", record
     if os.path.exists(paths["run_info"]):
@@ -635,7 +654,7 @@ def run_training(s, out=print):
     paths, af_init = prepare(s)
     enable_determinism()
     state, record = read_state(paths)
-    if state in ("orphan", "diverged"):  # nothing to do and nothing to write
+    if state == "orphan":  # nothing to do and nothing to write
         return _finished(s, paths, state, record, out)
     if state != "complete":
         n_classes = N_CLASSES[s["task"]]
@@ -644,7 +663,7 @@ def run_training(s, out=print):
         check_data_fits(s, len(train[1]))
     with RunLock(paths["lock"]), StopRequest() as stop:
         state, record = read_state(paths)  # again, now that no other process can change it
-        if state in ("complete", "diverged", "orphan"):
+        if state in ("complete", "orphan"):
             return _finished(s, paths, state, record, out)
         remove_temporary_files(paths)
         if state == "resume":
@@ -664,15 +683,12 @@ def _finished(s, paths, state, record, out):
     if state == "orphan":
         raise UserError(f"{paths['run_dir']}: has run info but no checkpoint; refusing to overwrite it "
                         "(move it away or choose another -experiment_name/-run)")
-    if state == "diverged":
-        out(f"{tag}: diverged at minibatch {record['diverged_at_mb']} (see {paths['run_info']}); nothing to do")
-        return 1
     finish_cleanup(paths, record)
     status = RunStatus(paths["status"], s)
     if status.previous.get("state") != "complete":  # the test finished, its status line did not
-        status.write(record, "complete", "complete")
+        status.write(record, "complete", "complete" + diverged_note(record))
     out(f"{tag}: already complete (test top-1 {record['test_top1']:.4f} at mb "
-        f"{record['early_stopping_mb']}); nothing to do")
+        f"{record['early_stopping_mb']}{diverged_note(record)}); nothing to do")
     return 0
 
 
@@ -792,7 +808,8 @@ class Trainer:
             if summarise:
                 self.writer.add_summary(results[4], step)
             if not np.isfinite(loss):
-                return self._diverged(step, loss)
+                self._diverged(step, loss)
+                return None
             record["train_mb_n_hist"].append(step)
             record["train_loss_hist"].append(loss)
             record["train_xentropy_hist"].append(xentropy)
@@ -900,14 +917,21 @@ class Trainer:
         return 128 + signum
 
     def _diverged(self, mb, loss):
+        """The loss of minibatch mb is not finite: training stops, and every validation from mb on counts as
+        0, what the original's non-finite model scored there, so early stopping picks among the checkpoints
+        before mb and the run is tested from there. A restart before the test ends retrains to mb (exactly)."""
         record = self.record
         record.update(diverged=True, diverged_at_mb=mb)
-        save_pickle(self.paths["record"], record)
-        write_run_info(self.s, record, f"diverged at minibatch {mb} (loss {loss})")
-        self.status.write(record, "diverged", f"diverged at minibatch {mb} (loss {loss})")
-        self.out(f"{self.s['spec_name']}/run {self.s['run']}: training diverged at minibatch {mb} "
-                 f"(loss {loss}); stopped")
-        return 1
+        n_classes = N_CLASSES[self.s["task"]]
+        for val_mb in self.val_schedule[len(record["val_mb_n_hist"]):]:
+            record["val_mb_n_hist"].append(val_mb)
+            for key, value in (("loss", np.nan), ("xentropy", np.nan), ("top1", 0.0), ("top5", 0.0),
+                               ("apc", np.zeros(n_classes)), ("preact_stats", {}), ("af_weights", {})):
+                record[f"val_{key}_hist"].append(value)
+        self.status.write(record, "running", f"diverged at minibatch {mb} (loss {loss}); testing the best "
+                                             "checkpoint before it")
+        self.out(f"{self.s['spec_name']}/run {self.s['run']}: training diverged at minibatch {mb} (loss {loss}); "
+                 "stopped, later validations count as 0, testing the best checkpoint before it")
 
     def _test(self):
         s, record, paths = self.s, self.record, self.paths
@@ -928,17 +952,22 @@ class Trainer:
             plot_learning_curves(record, paths["learning_curves"])
         log_final_metrics(self.writer, record)  # before the recorder: a kill in between repeats, never loses it
         save_pickle(paths["record"], record)
-        write_run_info(s, record, "complete")
+        write_run_info(s, record, "complete" + diverged_note(record))
         finish_cleanup(paths, record)
-        self.status.write(record, "complete", "complete")
-        self.out(test_report(s, best, result))
+        self.status.write(record, "complete", "complete" + diverged_note(record))
+        self.out(test_report(s, best, result, diverged_note(record)))
         return 0
 
 
-def test_report(s, mb, result):
-    """The test's result line; for cifar10 also the accuracy per class, as the original printed it."""
+def diverged_note(record):
+    """'' or '; diverged at mb N' for a run whose training diverged."""
+    return f"; diverged at mb {record['diverged_at_mb']}" if record.get("diverged") else ""
+
+
+def test_report(s, mb, result, note=""):
+    """The test's result line (note appended); for cifar10 also the accuracy per class, as the original printed it."""
     line = (f"{s['spec_name']}/run {s['run']}: test of the model of minibatch {mb} on {result['n']} test images: "
-            f"loss {result['loss']:.4f}, top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+            f"loss {result['loss']:.4f}, top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}{note}")
     if s["task"] == "cifar10":
         line += "\n  accuracy per class: " + " | ".join(f"{i}: {acc:.3f}" for i, acc in enumerate(result["apc"], 1))
     return line
@@ -959,7 +988,8 @@ class RunStatus:
             "state": state, "pid": os.getpid(), "host": os.uname().nodename,
             "mb": record.get("mb_count_total", 0), "n_minibatches": self.s["n_minibatches"],
             "val_top1": (record.get("val_top1_hist") or [None])[-1], "test_top1": record.get("test_top1"),
-            "last_checkpoint_mb": self.last_checkpoint_mb, "activation_kernel": record.get("activation_kernel"),
+            "last_checkpoint_mb": self.last_checkpoint_mb, "diverged_at_mb": record.get("diverged_at_mb"),
+            "activation_kernel": record.get("activation_kernel"),
             "train_seconds": self.seconds_before + time.time() - self.started,
             "updated": time.time(), "message": message})
 

@@ -4,7 +4,7 @@
     python deepnet_task_cifar_preprocessing.py --synthetic        # small learnable stand-in data, no download
     python deepnet_task_cifar_preprocessing.py --source ~/cifar-10-python.tar.gz
     python deepnet_task_cifar_preprocessing.py --download --task cifar100
-    python deepnet_task_cifar_preprocessing.py --variant gcn_zca --zca-epsilon 0   # the original's whitening
+    python deepnet_task_cifar_preprocessing.py --variant gcn_zca --zca-epsilon 0.1   # damp the weak directions
 
 Layout under ROOT (--root, default ./):
     1_data_<task>/train_batches/    raw training batches: data_batch_1..5 (cifar10) or train (cifar100)
@@ -26,8 +26,8 @@ Variants. x is one image as its D = 32*32*3 = 3072 values in HWC order, n the nu
              3. ZCA whitening: mu = mean of p over the training images, C = (1/n) sum (p - mu)(p - mu)^T,
                 C = U diag(s) U^T (eigendecomposition, float64, s ascending), W = U diag(w) U^T with
                 w_k = 1/sqrt(s_k + E), or w_k = 0 for the null directions (below); z = (p - mu) W.
-                E is --zca-epsilon, default 0.1 (pylearn2's ZCA filter_bias; the features have unit variance
-                after step 2, so the mean eigenvalue is 1 and E is a tenth of it).
+                E is --zca-epsilon, default 0 (the original's; pylearn2's ZCA filter_bias is 0.1: the features
+                have unit variance after step 2, so the mean eigenvalue is 1 and 0.1 would be a tenth of it).
              4. global standardisation: out = (z - m) / d, with m and d the mean and std of all values z of the
                 training set. The training z have zero mean in every feature, so m = 0, and total variance
                 trace(W C W) = sum_k w_k^2 s_k = sum over the kept k of s_k / (s_k + E) (a null direction adds
@@ -54,13 +54,13 @@ Relation to the original research code (GCN(goodfellow=True), ZCA(epsilon=0.0), 
   - its ZCA divides the PCA scores by the singular values sqrt(n s_k) and multiplies by sqrt(n)/2, i.e. it is the
     E = 0 whitening times 1/2, a factor step 4 removes; but it keeps v0, whose singular value (zero up to
     rounding) whitens rounding noise to about unit variance, which also shifts its global mean m. With
-    --zca-epsilon 0 the output here equals the original's, fitted on the same images, once that noise component
-    is removed from its ZCA output (tests/test_preprocessing.py checks this).
+    the default --zca-epsilon 0 the output here equals the original's, fitted on the same images, once that noise
+    component is removed from its ZCA output (tests/test_preprocessing.py checks this).
   - its PCA used svd_solver='randomized', an approximation; the eigendecomposition here is exact.
-  - the default E = 0.1 (instead of 0) follows pylearn2 and the maxout paper, whose GCN this variant reproduces:
-    E = 0 scales the weakest directions (the finest pixel-scale detail and noise, eigenvalues far below 1) up
-    to unit variance like the strongest image structure; E = 0.1 damps every direction whose variance is well
-    below a tenth of the average.
+  - E = 0, the default, is the original's (its numbers are the paper's). E = 0.1 (pylearn2's and the maxout
+    paper's, whose GCN this variant reproduces) damps every direction whose variance is well below a tenth of
+    the average: E = 0 scales the weakest directions (the finest pixel-scale detail and noise, eigenvalues far
+    below 1) up to unit variance like the strongest image structure.
 
 Train/test separation: every statistic above (sigma, mu, W, m, d) is fitted on the training images only and applied
 unchanged to the test images. The original research code fitted its ZCA on train and test together, which leaks
@@ -108,7 +108,7 @@ MAX_ARCHIVE_MEMBER_BYTES = 1 << 30
 GCN_SCALE = 55.0
 GCN_MIN_DIVISOR = 1e-8
 PIXEL_STD_FLOOR = 1e-8
-ZCA_EPS = 0.1  # default of --zca-epsilon
+ZCA_EPS = 0.0  # default of --zca-epsilon: the original's
 NULL_RTOL_PER_DIMENSION = float(np.finfo(np.float64).eps)  # null: s_k <= D * this * s_max
 CHUNK_IMAGES = 5000  # images per chunk in the array functions: bounds the float temporaries
 
@@ -710,8 +710,9 @@ def parse_args(argv):
                         help="test images of --synthetic (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic")
     parser.add_argument("--zca-epsilon", type=float, default=None, metavar="E",
-                        help=f"gcn_zca: E added to the covariance eigenvalues before whitening (default {ZCA_EPS}; "
-                        "0 whitens as the original code did, without its noise along GCN's null direction)")
+                        help=f"gcn_zca: E added to the covariance eigenvalues before whitening (default {ZCA_EPS:g}: "
+                        "as the original code did, without its noise along GCN's null direction; 0.1 damps the "
+                        "weak directions, as pylearn2)")
     parser.add_argument("--force", action="store_true", help="rebuild existing outputs; with --synthetic or "
                         "--download also replace existing raw data")
     return parser.parse_args(argv)

@@ -39,6 +39,7 @@ SPECS = {
     "tanh": ("1_tanh", "unrestricted", {3: (0.60, 30)}),
 }
 BAD_RUN = ("ABU", 9, 0.2, 60)         # test acc in (0, 0.3): excluded as in the original
+DIVERGED_RUN = ("relu", 3, 85)        # diverged at mb 85, tested from its early-stopping mb 80: analysed
 HIGH_VAL_RUN = ("relu", 4)            # mean val acc above 0.95: warned about, kept
 REPEATED_VAL_RUN = ("ABU", 2)         # a repeated validation at mb 60 with a high value the original drops
 
@@ -140,6 +141,7 @@ def build_experiment(exp):
     # tanh run 3 saved no AF weights anywhere: its af_shapes plot is skipped
     records["tanh", 3]["val_af_weights_hist"] = []
     records["tanh", 3]["test_af_weights"] = None
+    records[DIVERGED_RUN[:2]].update(diverged=True, diverged_at_mb=DIVERGED_RUN[2])
     for record in records.values():
         write_record(exp, record)
     spec, run, acc, es = BAD_RUN
@@ -312,8 +314,11 @@ def test_performance_table_matches_the_original(analysed):
     assert [row["spec_name"] for row in rows] == ["ABU", "relu", "tanh"]
     original_columns = [name for name, _ in original_csv_row("x", original_of(exp, "tanh", records)[0])]
     assert header[:22] == original_columns
-    assert header[22:] == [f"{kind} acc at e.s. mb [{name}]" for kind in ("train", "val")
-                           for name in ("median", "mean", "var", "std", "max", "min")]
+    assert header[22:-1] == [f"{kind} acc at e.s. mb [{name}]" for kind in ("train", "val")
+                             for name in ("median", "mean", "var", "std", "max", "min")]
+    assert header[-1] == "diverged runs"
+    assert {row["spec_name"]: row["diverged runs"] for row in rows} == {
+        "ABU": "", "relu": "run 3 diverged at mb 85", "tanh": ""}  # ABU run 6 diverged untested: excluded
     for row in rows:
         spec = row["spec_name"]
         original, _ = original_of(exp, spec, records)
@@ -444,7 +449,7 @@ def test_significance_table_matches_independent_tests(analysed):
     rows, header = read_csv(os.path.join(exp, "0_analysis", "significance.csv"))
     assert header == ["spec_name", "reference", "n", "n_reference", "mean_diff", "mean_diff_ci_low",
                       "mean_diff_ci_high", "welch_p", "mannwhitney_p", "welch_p_holm", "mannwhitney_p_holm",
-                      "hedges_g"]
+                      "hedges_g", "n_pairs", "paired_t_p", "wilcoxon_p", "paired_t_p_holm", "wilcoxon_p_holm"]
     by_spec = {row["spec_name"]: row for row in rows}
     assert set(by_spec) == {"ABU", "tanh"}
     ref = [0.70, 0.72, 0.69, 0.71]
@@ -464,13 +469,59 @@ def test_significance_table_matches_independent_tests(analysed):
     # only ABU has p values (tanh has one run), so Holm over one test leaves them as they are
     assert close(row["welch_p_holm"], float(row["welch_p"]))
     assert close(row["mannwhitney_p_holm"], float(row["mannwhitney_p"]))
+    # paired by run number: ABU runs 1, 2, 5 and relu runs 1-4 pair on runs 1 and 2
+    assert int(row["n_pairs"]) == 2
+    assert math.isclose(float(row["paired_t_p"]), paired_t_reference([0.74, 0.73], [0.70, 0.72]), rel_tol=1e-9)
+    assert math.isclose(float(row["wilcoxon_p"]), wilcoxon_exact([0.74, 0.73], [0.70, 0.72]), rel_tol=1e-12)
+    assert close(row["paired_t_p_holm"], float(row["paired_t_p"]))
+    assert close(row["wilcoxon_p_holm"], float(row["wilcoxon_p"]))
     tanh = by_spec["tanh"]
-    assert int(tanh["n"]) == 1
+    assert int(tanh["n"]) == 1 and int(tanh["n_pairs"]) == 1       # tanh run 3 pairs with relu run 3
     for name in ("welch_p", "mannwhitney_p", "welch_p_holm", "mannwhitney_p_holm", "hedges_g",
-                 "mean_diff_ci_low", "mean_diff_ci_high"):
+                 "mean_diff_ci_low", "mean_diff_ci_high", "paired_t_p", "wilcoxon_p", "paired_t_p_holm",
+                 "wilcoxon_p_holm"):
         assert tanh[name] == "nan"
     assert close(tanh["mean_diff"], 0.60 - statistics.fmean(ref))
     assert any("fewer than 2" in line and "tanh" in line for line in lines)
+
+
+def paired_t_reference(a, b):
+    """Two-sided paired t-test by hand: t = mean(d) / (sd(d) / sqrt(n)), n - 1 degrees of freedom."""
+    d = [x - y for x, y in zip(a, b)]
+    t = statistics.fmean(d) / (statistics.stdev(d) / math.sqrt(len(d)))
+    return 2 * stats.t.sf(abs(t), len(d) - 1)
+
+
+def wilcoxon_exact(a, b):
+    """Two-sided exact Wilcoxon signed-rank p by enumerating every sign pattern (no zero or tied |d|)."""
+    d = [x - y for x, y in zip(a, b)]
+    ranks = stats.rankdata(np.abs(d))
+    w_plus = sum(r for r, x in zip(ranks, d) if x > 0)
+    totals = [sum(r for r, sign in zip(ranks, signs) if sign) for signs in itertools.product((0, 1), repeat=len(d))]
+    low = min(w_plus, ranks.sum() - w_plus)
+    return min(1.0, 2 * sum(t <= low for t in totals) / len(totals))
+
+
+def test_paired_tests_against_scipy_and_by_hand():
+    rng = np.random.default_rng(3)
+    ref = {run: 0.70 + 0.02 * rng.normal() for run in range(1, 13)}
+    spec = {run: acc + 0.01 + 0.01 * rng.normal() for run, acc in ref.items() if run != 4}
+    spec[20] = 0.9                                                     # no partner: not a pair
+    result = da.compare_paired(spec, ref)
+    runs = sorted(set(spec) & set(ref))
+    a, b = [spec[r] for r in runs], [ref[r] for r in runs]
+    assert result["n_pairs"] == 11
+    assert math.isclose(result["paired_t_p"], stats.ttest_rel(a, b).pvalue, rel_tol=1e-12)
+    assert math.isclose(result["paired_t_p"], paired_t_reference(a, b), rel_tol=1e-9)
+    assert math.isclose(result["wilcoxon_p"], stats.wilcoxon(a, b).pvalue, rel_tol=1e-12)
+    assert math.isclose(result["wilcoxon_p"], wilcoxon_exact(a, b), rel_tol=1e-12)
+    # the pairing matters: the unpaired Welch p of the same numbers is far larger
+    assert result["paired_t_p"] < 0.01 < stats.ttest_ind(a, b, equal_var=False).pvalue
+    assert math.isnan(da.compare_paired({1: 0.5}, {1: 0.4})["paired_t_p"])              # one pair
+    same = da.compare_paired({1: 0.5, 2: 0.6}, {1: 0.5, 2: 0.6})                      # every difference 0
+    assert same["n_pairs"] == 2 and math.isnan(same["paired_t_p"]) and math.isnan(same["wilcoxon_p"])
+    shifted = da.compare_paired({1: 0.6, 2: 0.7, 3: 0.8}, {1: 0.5, 2: 0.6, 3: 0.7})   # one constant shift
+    assert math.isnan(shifted["paired_t_p"]) and shifted["wilcoxon_p"] == pytest.approx(0.25)
 
 
 def test_welch_interval_by_hand():
@@ -710,7 +761,8 @@ def test_report_table_equals_the_csvs(analysed):
         spec = c["spec"]
         gone = [row for row in excluded if row["spec_name"] == spec]
         assert c["excluded"] == str(sum(row["category"] != "diverged" for row in gone))
-        assert c["diverged"] == str(sum(row["category"] == "diverged" for row in gone))
+        tested = int(spec == DIVERGED_RUN[0])                          # relu run 3 diverged and was tested
+        assert c["diverged"] == str(sum(row["category"] == "diverged" for row in gone) + tested)
         if spec not in performance:
             assert c["runs analysed"] == "0" and c["test acc [%] mean ± std"] == "—"
             continue
@@ -728,13 +780,40 @@ def test_report_table_equals_the_csvs(analysed):
         else:
             assert c["95 % CI of Δ [pp]"] == f"[{pp(float(sig['mean_diff_ci_low']))}, " \
                                              f"{pp(float(sig['mean_diff_ci_high']))}]"
-        for column, key in (("Welch p", "welch_p"), ("Welch p (Holm)", "welch_p_holm"),
+        assert c["pairs"] == sig["n_pairs"]
+        for column, key in (("paired t p", "paired_t_p"), ("paired t p (Holm)", "paired_t_p_holm"),
+                            ("Wilcoxon p", "wilcoxon_p"), ("Wilcoxon p (Holm)", "wilcoxon_p_holm"),
+                            ("Welch p", "welch_p"), ("Welch p (Holm)", "welch_p_holm"),
                             ("Mann–Whitney p", "mannwhitney_p"), ("Mann–Whitney p (Holm)", "mannwhitney_p_holm")):
             assert c[column] == pvalue(float(sig[key])), column
         g = float(sig["hedges_g"])
         assert c["Hedges' g"] == ("—" if math.isnan(g) else f"{g:+.2f}")
     assert {c["spec"]: c["excluded"] for c in cells}["ABU"] == "3" and cells[0]["diverged"] == "1"
     assert "[" in cells[0]["95 % CI of Δ [pp]"]                     # ABU has an interval
+
+
+def test_diverged_runs_are_analysed_and_flagged_in_the_report(analysed):
+    exp, _, result, _ = analysed
+    assert result["diverged"] == [{"spec_name": "relu", "run": 3, "diverged_at_mb": 85, "early_stopping_mb": 80}]
+    text, _ = parse_report(os.path.join(exp, "0_analysis", "report.html"))
+    assert "<li>relu run 3: diverged at mb 85; tested from mb 80 and counted</li>" in text
+    assert "The paired tests lead: run k of every spec shares its seed" in text
+
+
+def test_without_a_validation_set_the_val_columns_are_empty(tmp_path):
+    """Runs with -create_val_set False validated on the test set (monitoring): no val column may show it."""
+    exp = str(tmp_path / "3_output_cifar" / "noval")
+    for run, acc in ((1, 0.60), (2, 0.62)):
+        record = fake_record("relu", run, acc, N_MB, "1_relu", "unrestricted")
+        record["settings"]["create_val_set"] = False
+        write_record(exp, record)
+    da.analyse_experiment(exp, reference="relu", out=lambda line: None)
+    (row,), header = read_csv(os.path.join(exp, "0_analysis", "main_performance_analysis.csv"))
+    val_columns = [name for name in header if name.startswith("val acc")]
+    assert len(val_columns) == 12 and all(row[name] == "" for name in val_columns)
+    assert close(row["test acc [mean]"], 0.61) and row["train acc at e.s. mb [mean]"] not in ("", "nan")
+    summary = load_pickle(os.path.join(exp, "0_analysis", "performance_summary_relu.pkl"))
+    assert len(summary["v_mb"]) == 0 and all(math.isnan(v) for v in summary["val_acc"])
 
 
 def test_report_marks_the_reference_and_sorts_by_mean_test_acc(analysed):

@@ -55,13 +55,13 @@ def blend_jacobian(raw, blend_mode):
     eye = np.eye(n)
     if blend_mode == "unrestricted":
         return eye
-    if blend_mode == "normalized":
+    if blend_mode in ("normalized", "posnormed"):  # the original's posnormed is normalized
         total = np.sum(raw)
         return (eye - np.outer(raw / total, np.ones(n))) / total
     if blend_mode == "absnormed":
         total = np.sum(np.abs(raw))
         return eye / total - np.outer(raw, np.sign(raw)) / total ** 2
-    if blend_mode == "posnormed":
+    if blend_mode == "clipnormed":
         clipped = np.clip(raw, net.POSNORM_MIN, net.POSNORM_MAX)
         inside = (raw > net.POSNORM_MIN) & (raw < net.POSNORM_MAX)
         total = np.sum(clipped)

@@ -60,9 +60,20 @@ REF_SETS = {
     "3_relu+tanh+jswish": ["relu", "tanh", "jswish"],
     "2_selu+linu": ["selu", "linu"],
 }
-MODES = ["unrestricted", "normalized", "posnormed", "absnormed", "softmaxed"]
+MODES = ["unrestricted", "normalized", "posnormed", "absnormed", "softmaxed", "clipnormed"]
 # Raw weights with negative entries and sums well away from zero (for 'normalized').
 RAW_WEIGHTS = {1: [-0.3], 2: [-0.6, 1.4], 3: [0.7, -0.5, 1.1], 5: [0.9, -0.4, 0.6, 0.5, -0.2]}
+
+
+def original_posnormed(blend_weights_raw):
+    """The original's posnormed (deepnet_networks.py, Network.__activate), transcribed to numpy:
+        blend_weights = tf.divide(tf.clip_by_value(blend_weights_raw, 0.0001, 1000.0),
+                                  tf.reduce_sum(tf.clip_by_value(blend_weights_raw, 0.0001, 1000.0), keep_dims=True))
+        blend_weights = tf.divide(blend_weights_raw, tf.reduce_sum(blend_weights_raw, keep_dims=True))"""
+    blend_weights = np.clip(blend_weights_raw, 0.0001, 1000.0) / np.sum(np.clip(blend_weights_raw, 0.0001, 1000.0),
+                                                                       keepdims=True)
+    blend_weights = blend_weights_raw / np.sum(blend_weights_raw, keepdims=True)
+    return blend_weights
 
 
 def ref_effective(w, mode):
@@ -72,6 +83,8 @@ def ref_effective(w, mode):
     if mode == "normalized":
         return w / w.sum()
     if mode == "posnormed":
+        return original_posnormed(w)
+    if mode == "clipnormed":
         clipped = np.minimum(np.maximum(w, 1e-4), 1e3)
         return clipped / clipped.sum()
     if mode == "absnormed":
@@ -206,7 +219,7 @@ def test_wrong_number_of_blend_weights_raises():
 BLEND_CASES = [
     [0.9, -0.4, 0.6, 0.5, -0.2],
     [-0.6, 1.4],
-    [2000.0, 0.5, -3.0],  # posnormed clips both ends
+    [2000.0, 0.5, -3.0],  # clipnormed clips both ends
     [-2.0, -1.0, -0.5],   # all negative
     [0.3],
 ]
@@ -223,9 +236,10 @@ def test_effective_weights_numpy_and_graph(mode):
 
 
 def test_effective_weights_hand_values():
-    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 1.0], "posnormed"),
+    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 1.0], "clipnormed"),
                                [1e-4 / (1 + 1e-4), 1 / (1 + 1e-4)])
-    np.testing.assert_allclose(dn.effective_weights_numpy([5000.0, 1000.0], "posnormed"), [0.5, 0.5])
+    np.testing.assert_allclose(dn.effective_weights_numpy([5000.0, 1000.0], "clipnormed"), [0.5, 0.5])
+    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 3.0], "posnormed"), [-0.5, 1.5])  # = normalized
     np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 3.0], "absnormed"), [-0.25, 0.75])
     np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 3.0], "normalized"), [-0.5, 1.5])
     np.testing.assert_allclose(dn.effective_weights_numpy([0.0, np.log(3.0)], "softmaxed"), [0.25, 0.75])
@@ -546,12 +560,20 @@ def np_pool_same(x, size, stride, kind):
     return out
 
 
-def np_batch_norm(x, training):
-    """Fresh BN (gamma 1, beta 0, moving mean 0, moving variance 1)."""
-    if not training:
-        return x / np.sqrt(1.0 + REF_BN_EPS)
+def original_batch_norm(x):
+    """The original's batch norm, tf.layers.batch_normalization(x, training=True) (deepnet_networks.py: on the
+    pre-activation of every smcnBN layer and on each blend component), in training AND at inference, fresh:
+    gamma 1, beta 0; the mean and the biased variance over every axis but the channels, epsilon 0.001."""
     axes = tuple(range(x.ndim - 1))
-    return (x - x.mean(axis=axes)) / np.sqrt(x.var(axis=axes) + REF_BN_EPS)
+    return (x - x.mean(axis=axes)) / np.sqrt(x.var(axis=axes) + 0.001)
+
+
+def np_batch_norm(x, batch_statistics):
+    """Fresh BN (gamma 1, beta 0, moving mean 0, moving variance 1): the batch's statistics, or the moving
+    averages."""
+    if not batch_statistics:
+        return x / np.sqrt(1.0 + REF_BN_EPS)
+    return original_batch_norm(x)
 
 
 def np_forward(network, params, x, names, blend, bn=None):
@@ -607,9 +629,9 @@ def fetch_blend(sess, endpoints, mode):
     return values
 
 
-def assert_forward_matches(network, af_set, mode, training_feeds):
+def assert_forward_matches(network, af_set, mode, training_feeds, bn_inference="batch_statistics"):
     names = REF_SETS[af_set]
-    settings = make_settings(network=network, af_set=af_set, blend_mode=mode)
+    settings = make_settings(network=network, af_set=af_set, blend_mode=mode, bn_inference=bn_inference)
     x = images(3)
     with session_for(settings, custom_af_init(network, len(names), 5)) as (model, sess):
         params = fetch_params(sess, network)
@@ -619,7 +641,7 @@ def assert_forward_matches(network, af_set, mode, training_feeds):
             bn = None
             if network in dn.BATCH_NORM_NETWORKS:
                 feed[model.inputs.training] = training
-                bn = training
+                bn = training or bn_inference == "batch_statistics"
             logits, acts = sess.run([model.logits, model.endpoints.activations], feed)
             want_logits, want_acts = np_forward(network, params, x, names, blend, bn)
             for layer, want in want_acts.items():
@@ -639,9 +661,10 @@ def test_forward_pass_matches_numpy(network, af_set, mode):
     assert_forward_matches(network, af_set, mode, [False])
 
 
-@pytest.mark.parametrize("af_set", ["5_blend5_swish", "1_jelu"])
-def test_batch_norm_forward_matches_numpy_training_and_inference(af_set):
-    assert_forward_matches("smcnBN", af_set, "absnormed", [True, False])
+@pytest.mark.parametrize("af_set,bn_inference", [("5_blend5_swish", "batch_statistics"), ("1_jelu", "batch_statistics"),
+                                                  ("5_blend5_swish", "moving_averages")])
+def test_batch_norm_forward_matches_numpy_training_and_inference(af_set, bn_inference):
+    assert_forward_matches("smcnBN", af_set, "absnormed", [True, False], bn_inference)
 
 
 # ---------------------------------------------------------------- initialisation
@@ -851,7 +874,7 @@ def test_activation_summaries_sample_the_first_images_and_variables_are_whole():
 # ---------------------------------------------------------------- batch norm state
 
 def test_batch_norm_training_vs_inference_and_moving_averages():
-    settings = make_settings(network="smcnBN", af_set="2_tanh+jswish", optimizer="Adam")
+    settings = make_settings(network="smcnBN", af_set="2_tanh+jswish", optimizer="Adam", bn_inference="moving_averages")
     x = images(4)
     with session_for(settings) as (model, sess):
         variables = variables_by_name()
@@ -878,6 +901,23 @@ def test_batch_norm_training_vs_inference_and_moving_averages():
                                rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(after[var_name[0]],
                                REF_BN_DECAY + (1 - REF_BN_DECAY) * preact.var(axis=(0, 1, 2)), rtol=1e-4)
+
+
+def test_batch_norm_inference_uses_the_batch_statistics_by_default():
+    """The original normalised with the batch's statistics at inference too: an image's logits depend on the
+    batch it is evaluated in, and inference equals the training-mode forward pass on the same batch."""
+    settings = make_settings(network="smcnBN", af_set="5_blend5_swish")
+    x = images(6)
+    with session_for(settings) as (model, sess):
+        logits = lambda batch, training: sess.run(model.logits, {model.inputs.images: batch,  # noqa: E731
+                                                                 model.inputs.training: training})
+        infer = logits(x, False)
+        np.testing.assert_array_equal(infer, logits(x, True))
+        assert np.abs(infer[:3] - logits(x[:3], False)).max() > 1e-3
+        params = fetch_params(sess, "smcnBN")
+        blend = fetch_blend(sess, model.endpoints, "unrestricted")
+    want, _ = np_forward("smcnBN", params, x, REF_SETS["5_blend5_swish"], blend, bn=True)
+    np.testing.assert_allclose(infer, want, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- dropout

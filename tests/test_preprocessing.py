@@ -152,9 +152,9 @@ def test_gcn_zca_matches_an_explicit_reference(n_train):
     base = rng.integers(0, 256, (1, 8, 8, 3)).astype(np.float64)
     train = np.clip(base + rng.normal(0, 40, (n_train, 8, 8, 3)), 0, 255).astype(np.uint8)
     test = np.clip(base + rng.normal(0, 40, (30, 8, 8, 3)), 0, 255).astype(np.uint8)
-    params = prep.fit_gcn_zca(train)
+    params = prep.fit_gcn_zca(train, zca_eps=0.1)
     out_train, out_test = prep.apply_gcn_zca(train, params), prep.apply_gcn_zca(test, params)
-    ref_train, ref_test = reference_gcn_zca(train, test)
+    ref_train, ref_test = reference_gcn_zca(train, test, eps=0.1)
     assert params["zca_null_directions"] == 192 - min(n_train - 1, 191)  # rank of the centred, GCN'd images
     assert out_train.dtype == np.float32 and out_train.shape == train.shape
     np.testing.assert_allclose(out_train.reshape(n_train, -1), ref_train, atol=1e-4)
@@ -216,13 +216,14 @@ def original_unify(dataset):
 @pytest.fixture(scope="module")
 def original_vs_suite():
     """400 random 8x8x3 images (one constant), run through the transcribed original (GCN goodfellow, ZCA with
-    epsilon 0) and through the suite with zca_eps=0, both fitted on these images only (the original fitted on
-    train+test together; here both sides see the same set)."""
+    epsilon 0) and through the suite with its default zca_eps (0), both fitted on these images only (the original
+    fitted on train+test together; here both sides see the same set)."""
     rng = np.random.default_rng(11)
     base = rng.integers(0, 256, (1, 8, 8, 3)).astype(np.float64)
     train = np.clip(base + rng.normal(0, 40, (400, 8, 8, 3)), 0, 255).astype(np.uint8)
     train[7] = 128  # constant image: 0 after GCN in both codes
-    params = prep.fit_gcn_zca(train, zca_eps=0.0)
+    params = prep.fit_gcn_zca(train)  # the default epsilon: the original's 0
+    assert params["zca_eps"] == 0.0
     p_original = original_gcn(train.astype(np.float64), goodfellow=True)
     whitened, pca = original_zca(p_original, epsilon=0.0)
     return {"train": train, "params": params, "p_original": p_original, "whitened": whitened.reshape(400, -1),
@@ -257,7 +258,8 @@ def test_original_zca_is_the_epsilon_0_whitening_times_a_half(original_vs_suite)
 
 
 def test_zca_epsilon_0_matches_the_original_without_its_null_component(original_vs_suite):
-    """Compared: the suite's output (fit_gcn_zca(zca_eps=0) + apply_gcn_zca, what --zca-epsilon 0 runs) against
+    """Compared: the suite's output (fit_gcn_zca + apply_gcn_zca with the default zca_eps 0, what a plain
+    --variant gcn_zca runs) against
     the original's unify_dataset applied to its ZCA output with the component along its null direction (the PCA
     component of singular value ~0) removed, value by value, to 2e-5 absolute (unit-variance values up to ~6;
     the suite works in float32)."""
@@ -760,10 +762,13 @@ def test_outputs_made_with_another_zca_epsilon_are_rebuilt(zca_half_root, tmp_pa
     shutil.copytree(os.path.join(zca_half_root, "1_data_cifar10"), tmp_path / "1_data_cifar10")
     sidecar = tmp_path / "1_data_cifar10" / "train_set_gcn_zca" / "cifar10_trainset.json"
     capsys.readouterr()
-    assert run_main(["--root", str(tmp_path), "--variant", "gcn_zca"]) == 0  # the default, 0.1
+    assert run_main(["--root", str(tmp_path), "--variant", "gcn_zca"]) == 0  # the default: 0, the original's
     out = capsys.readouterr().out
-    assert "rebuilding cifar10 gcn_zca: its outputs were made with --zca-epsilon 0.5, not 0.1" in out
-    assert "wrote cifar10 gcn_zca" in out and json.loads(sidecar.read_text())["parameters"]["zca_eps"] == 0.1
+    assert "rebuilding cifar10 gcn_zca: its outputs were made with --zca-epsilon 0.5, not 0.0" in out
+    assert "wrote cifar10 gcn_zca" in out and json.loads(sidecar.read_text())["parameters"]["zca_eps"] == 0.0
+    assert run_main(["--root", str(tmp_path), "--variant", "gcn_zca", "--zca-epsilon", "0.1"]) == 0
+    assert "rebuilding cifar10 gcn_zca: its outputs were made with --zca-epsilon 0.0, not 0.1" in \
+        capsys.readouterr().out
     assert run_main(["--root", str(tmp_path), "--variant", "gcn_zca", "--zca-epsilon", "0.1"]) == 0
     assert "kept cifar10 gcn_zca" in capsys.readouterr().out
     recorded = json.loads(sidecar.read_text())

@@ -21,17 +21,25 @@ import deepnet_supervisor as sv
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
-# The command of one run, written out by hand: every deepnet_main flag in the supervisor's order.
+# The command of one run of the paper sweep, written out by hand: every deepnet_main flag in the supervisor's order.
 EXPECTED_ABU_S_RUN_5 = (
-    "-mode training -experiment_name exp1 -spec_name ABU_S -run 5 -path_relative {root} -task cifar10 "
-    "-preprocessing ztrans -create_val_set True -val_set_fraction 0.05 -network smcn -af_set 5_blend5_swish "
-    "-af_weights_init default -load_af_weights_from '' -norm_blendw_at_init False -blend_trainable True "
-    "-blend_mode softmaxed -swish_beta_trainable True -optimizer Adam -minibatch_size 256 "
-    "-dropout_keep_probs 0.6 0.7 0.8 -dropout_keep_probs_inference 1.0 -use_wd False -wd_lambda 0.01 -seed 7 "
-    "-n_minibatches 1000 -lr 0.001 -lr_schedule_type constant -lr_decay 4e-05 -lr_lin_min 0.0004 "
-    "-lr_lin_steps 60000 -lr_step_ep 200 250 300 -lr_step_multi 0.1 0.01 0.001 -walltime 0 -val_every 20 "
-    "-create_checkpoints True -epochs_between_checkpoints 3 -safe_af_ws_n 10 -safe_all_ws_n 2 "
-    "-save_af_weights_at_test_mb True -save_all_weights_at_test_mb True -create_lc_on_the_fly True")
+    "-mode training -experiment_name exp1 -spec_name smcn_adam_c10_ABU_S_TERIS -run 5 -path_relative {root} "
+    "-task cifar10 -preprocessing ztrans -create_val_set True -val_set_fraction 0.05 -network smcn "
+    "-bn_inference batch_statistics -af_set 5_blend5_swish -af_weights_init default -load_af_weights_from none "
+    "-load_af_weights_experiment '' -norm_blendw_at_init False -blend_trainable True -blend_mode softmaxed "
+    "-swish_beta_trainable True -optimizer Adam -minibatch_size 256 -dropout_keep_probs 0.6 0.7 0.8 "
+    "-dropout_keep_probs_inference 1.0 -use_wd False -wd_lambda 0.01 -seed 7 -n_minibatches 1000 -lr 0.001 "
+    "-lr_schedule_type constant -lr_decay 4e-05 -lr_lin_min 0.0004 -lr_lin_steps 60000 -lr_step_ep 200 250 300 "
+    "-lr_step_multi 0.1 0.01 0.001 -walltime 0 -val_every 20 -create_checkpoints True "
+    "-epochs_between_checkpoints 8 -safe_af_ws_n 60 -safe_all_ws_n 2 -save_af_weights_at_test_mb True "
+    "-save_all_weights_at_test_mb True -create_lc_on_the_fly True")
+FAKE_TIMING = (0.5, 0.001)    # seconds per training step, per inference image: dry runs time nothing here
+
+
+@pytest.fixture(autouse=True)
+def fake_step_timing(monkeypatch):
+    """A dry run's estimate times real training steps; these tests check everything but that, so quickly."""
+    monkeypatch.setattr(sv, "time_steps", lambda settings, threads, deadline, **kw: FAKE_TIMING)
 
 
 def run_supervisor(args, env=None, timeout=900):
@@ -65,19 +73,14 @@ def test_settings_are_every_deepnet_main_flag_with_its_default():
         assert value == defaults[key], key
 
 
-def test_paper_sweep_has_the_17_specs():
-    specs = sv.SWEEPS["paper"]["specs"]
-    fixed = ["relu", "jelu", "tanh", "jswish", "linu", "selu"]
-    assert list(specs) == fixed + [f"alpha_{f}" for f in fixed] + ["ABU", "ABU_N", "ABU_P", "ABU_A", "ABU_S"]
-    for name in fixed:
-        assert specs[name] == {"af_set": f"1_{name}", "blend_trainable": False}
-        extra = {"swish_beta_trainable": True} if name == "jswish" else {}
-        assert specs[f"alpha_{name}"] == {"af_set": f"1_{name}", "blend_trainable": True, **extra}
-    for suffix, mode in (("", "unrestricted"), ("_N", "normalized"), ("_P", "posnormed"), ("_A", "absnormed"),
-                         ("_S", "softmaxed")):
-        assert specs[f"ABU{suffix}"] == {"af_set": "5_blend5_swish", "blend_trainable": True,
-                                         "swish_beta_trainable": True, "blend_mode": mode}
-    assert list(sv.SWEEPS["demo"]["specs"]) == ["relu", "ABU"]
+def test_demo_sweep_is_relu_against_abu():
+    """The paper's sweeps are checked against the original scheduler in test_paper_sweeps.py."""
+    assert sv.SWEEPS["demo"]["specs"] == {
+        "relu": {"af_set": "1_relu", "blend_trainable": False, "swish_beta_trainable": False,
+                 "blend_mode": "unrestricted"},
+        "ABU": {"af_set": "5_blend5_swish", "blend_trainable": True, "swish_beta_trainable": True,
+                "blend_mode": "unrestricted"}}
+    assert sv.SWEEPS["demo"]["runs"] == "1-2" and sv.SWEEPS["demo"]["settings"]["n_minibatches"] == 250
 
 
 def test_parse_runs():
@@ -98,25 +101,28 @@ def test_cluster_walltime_and_time_formats():
 
 def test_dry_run_prints_the_exact_commands(tmp_path, capsys):
     root = str(tmp_path)
-    code = sv.main(["--dry-run", "--specs", "ABU_S,relu", "--runs", "2,5-6", "--experiment", "exp1",
+    code = sv.main(["--dry-run", "--specs", "smcn_adam_c10_ABU_S_TERIS,smcn_adam_c10_relu", "--runs", "2,5-6",
+                    "--experiment", "exp1",
                     "--set", "n_minibatches=1000", "--set", "dropout_keep_probs=0.6,0.7,0.8", "--set", "seed=7",
                     "--set", f"path_relative={root}"])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6
-    words = [shlex.split(line) for line in lines]
+    assert len(lines) == 7
+    words = [shlex.split(line) for line in lines[:-1]]
+    abu, relu = "smcn_adam_c10_ABU_S_TERIS", "smcn_adam_c10_relu"
     assert [(w[w.index("-spec_name") + 1], w[w.index("-run") + 1]) for w in words] == \
-        [("ABU_S", "2"), ("ABU_S", "5"), ("ABU_S", "6"), ("relu", "2"), ("relu", "5"), ("relu", "6")]
+        [(abu, "2"), (abu, "5"), (abu, "6"), (relu, "2"), (relu, "5"), (relu, "6")]
     assert lines[1] == f"{shlex.quote(PY)} deepnet_main.py " + EXPECTED_ABU_S_RUN_5.format(root=root)
     relu = words[3]
     assert relu[relu.index("-af_set") + 1] == "1_relu" and relu[relu.index("-blend_trainable") + 1] == "False"
+    assert lines[-1].startswith("6 runs, 6,000 minibatches in all; estimated wall time ")
     assert not list(tmp_path.iterdir())                          # a dry run writes nothing
 
 
 def test_demo_sweep_and_set_overrides(tmp_path, capsys):
     assert sv.main(["--dry-run", "--sweep", "demo", "--set", f"path_relative={tmp_path}",
                     "--set", "use_wd=True", "--set", "blend_mode=normalized"]) == 0
-    words = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    words = [shlex.split(line) for line in capsys.readouterr().out.splitlines()[:-1]]
     assert len(words) == 4
     for w in words:
         flag = lambda name: w[w.index(name) + 1]  # noqa: E731
@@ -129,7 +135,7 @@ def test_demo_sweep_and_set_overrides(tmp_path, capsys):
 
 
 BAD_INPUT = [
-    (["--specs", "relu,nope"], "--specs: unknown spec(s) nope"),
+    (["--specs", "smcn_adam_c10_relu,nope"], "--specs: unknown spec(s) nope"),
     (["--set", "nope=1"], "--set nope: unknown setting"),
     (["--set", "n_minibatches"], "--set n_minibatches: expected key=value"),
     (["--set", "n_minibatches=abc"], "--set n_minibatches=abc"),
@@ -174,21 +180,25 @@ def test_missing_sbatch_is_one_line_exit_2(tmp_path):
 
 # ---------------------------------------------------------------- skip logic
 
-def test_complete_and_diverged_runs_are_not_started(tmp_path, capsys):
+def test_complete_runs_are_not_started_and_untested_diverged_runs_are(tmp_path, capsys):
     root, experiment = str(tmp_path), "demo_smcn_cifar10"
     write_record(root, experiment, "relu", 1, test_completed=True)
     write_record(root, experiment, "relu", 2)                                       # incomplete: resume
-    write_record(root, experiment, "ABU", 1, diverged=True, diverged_at_mb=17)
+    write_record(root, experiment, "ABU", 1, test_completed=True, diverged=True, diverged_at_mb=17)  # tested
     garbage = os.path.join(root, "3_output_cifar", experiment, "ABU", "run_2", "record_ABU_run_2.pkl")
     os.makedirs(os.path.dirname(garbage))
     with open(garbage, "wb") as handle:
         handle.write(b"not a pickle")                                                # unreadable: restart
     assert sv.main(["--dry-run", "--sweep", "demo", "--set", f"path_relative={root}"]) == 0
     captured = capsys.readouterr()
-    started = [shlex.split(line) for line in captured.out.splitlines()]
+    started = [shlex.split(line) for line in captured.out.splitlines()[:-1]]                 # the last: the estimate
     assert [(w[w.index("-spec_name") + 1], w[w.index("-run") + 1]) for w in started] == [("relu", "2"), ("ABU", "2")]
-    assert "1 of 4 runs already complete: skipped" in captured.err
-    assert "1 diverged runs skipped (not restarted): ABU run 1" in captured.err
+    assert "2 of 4 runs already complete: skipped" in captured.err
+    write_record(root, experiment, "ABU", 1, diverged=True, diverged_at_mb=17)     # diverged, not tested (older)
+    assert sv.main(["--dry-run", "--sweep", "demo", "--set", f"path_relative={root}"]) == 0
+    started = [shlex.split(line) for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert [(w[w.index("-spec_name") + 1], w[w.index("-run") + 1]) for w in started] == [
+        ("relu", "2"), ("ABU", "1"), ("ABU", "2")]
 
 
 # ---------------------------------------------------------------- job scripts
@@ -212,7 +222,7 @@ def test_job_array_scripts(tmp_path, capsys, monkeypatch, backend):
     monkeypatch.setitem(sv.CLUSTER, "slurm_partition", "short")
     monkeypatch.setitem(sv.CLUSTER, "sge_queue", "all.q")
     write_record(root, "exp2", "relu", 2, test_completed=True)                       # left out of the array
-    assert sv.main(["--backend", backend, "--dry-run", "--specs", "relu,ABU_P", "--runs", "1-3",
+    assert sv.main(["--backend", backend, "--dry-run", "--sweep", "demo", "--specs", "relu,ABU", "--runs", "1-3",
                     "--experiment", "exp2", "--set", f"path_relative={root}"]) == 0
     exp = os.path.join(root, "3_output_cifar", "exp2")
     [script] = glob.glob(os.path.join(exp, "0_jobs", f"exp2_{backend}_*.sh"))
@@ -231,8 +241,8 @@ def test_job_array_scripts(tmp_path, capsys, monkeypatch, backend):
             assert line in text.splitlines()
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     tasks = [line.split("\t") for line in open(tasks_file).read().splitlines()]
-    assert [(t[0], t[1]) for t in tasks] == [("relu", "1"), ("relu", "3"), ("ABU_P", "1"), ("ABU_P", "2"),
-                                            ("ABU_P", "3")]
+    assert [(t[0], t[1]) for t in tasks] == [("relu", "1"), ("relu", "3"), ("ABU", "1"), ("ABU", "2"),
+                                            ("ABU", "3")]
     for spec, run, log, cmd in tasks:
         assert log == os.path.join(exp, spec, f"run_{run}", f"log_{spec}_run_{run}.txt")
         words = shlex.split(cmd)
@@ -485,9 +495,10 @@ def test_dry_runs_leave_out_runs_held_elsewhere(tmp_path, capsys, hold_lock):
     holder, _ = hold_lock(held)
     assert sv.main(["--dry-run", "--sweep", "demo", "--set", f"path_relative={root}"]) == 0
     captured = capsys.readouterr()
-    started = [shlex.split(line) for line in captured.out.splitlines()]
+    started = [shlex.split(line) for line in captured.out.splitlines()[:-1]]
     assert [(w[w.index("-spec_name") + 1], w[w.index("-run") + 1]) for w in started] == \
         [("relu", "2"), ("ABU", "1"), ("ABU", "2")]
+    assert captured.out.splitlines()[-1].startswith("3 runs, 750 minibatches in all")
     assert f"relu run 1: running elsewhere ({holder_text(holder)})" in captured.err
     assert sv.main(["--backend", "slurm", "--dry-run", "--sweep", "demo", "--set", f"path_relative={root}"]) == 0
     [tasks] = glob.glob(os.path.join(root, "3_output_cifar", "demo_smcn_cifar10", "0_jobs", "*_tasks.tsv"))
@@ -587,12 +598,12 @@ def test_status_shows_every_state_counts_and_the_eta_and_writes_nothing(tmp_path
                  train_seconds=70.0, message="walltime reached")
     write_status(run["relu", 4], pid=999999, host="n9", mb=250, val_top1=0.4, last_checkpoint_mb=200)
     open(sv.lock_path(run["relu", 4]), "w").write("process 999999 on n9\n")     # a lock nobody holds
-    write_status(run["ABU", 1], state="diverged", mb=123, message="diverged at mb 123")
+    write_status(run["ABU", 1], state="complete", mb=122, val_top1=0.0, test_top1=0.3, diverged_at_mb=123)
     write_status(run["ABU", 2], state="failed", mb=0, message="ValueError: boom")
     write_record(root, "exp", "ABU", 4, test_completed=True, mb_count_total=1000, settings={"n_minibatches": 1000},
                  val_top1_hist=[0.5, 0.7], test_top1=0.69, checkpoints=[500, 1000])   # older run: no status.json
     before = tree(root)
-    result = run_supervisor(["--status", "--specs", "relu,ABU", "--runs", "1-4", "--experiment", "exp",
+    result = run_supervisor(["--status", "--sweep", "demo", "--runs", "1-4", "--experiment", "exp",
                              "--workers", "2", "--set", f"path_relative={root}", "--set", "n_minibatches=1000"])
     assert result.returncode == 0 and result.stderr == ""
     assert tree(root) == before
@@ -605,14 +616,14 @@ def test_status_shows_every_state_counts_and_the_eta_and_writes_nothing(tmp_path
         ("relu", "3"): "relu  3    incomplete   650/1000     0.6000     -           last checkpoint mb 600; walltime reached",
         ("relu", "4"): "relu  4    incomplete   250/1000     0.4000     -           process 999999 on n9 ended without "
                        "a word; last checkpoint mb 200",
-        ("ABU", "1"): "ABU   1    diverged     123/1000     -          -           diverged at mb 123",
+        ("ABU", "1"): "ABU   1    complete     122/1000     0.0000     0.3000      diverged at mb 123",
         ("ABU", "2"): "ABU   2    failed       0/1000       -          -           ValueError: boom",
         ("ABU", "3"): "ABU   3    not started  0/1000       -          -",
         ("ABU", "4"): "ABU   4    complete     1000/1000    0.7000     0.6900",
     }
     for key, line in expected.items():
         assert rows[key] == line
-    assert lines[9] == "8 runs: 2 complete, 1 running, 2 incomplete, 1 diverged, 1 failed, 1 not started"
+    assert lines[9] == "8 runs: 3 complete (1 diverged), 1 running, 2 incomplete, 1 failed, 1 not started"
     # 0.1 s/mb (relu 1); relu 2 keeps a worker for 60 s; the other worker takes relu 3 (40 s), relu 4 (80 s,
     # ends at 120 s); ABU 2 (100 s) takes the worker free at 60 s -> 160 s; ABU 3 the one free at 120 s -> 220 s
     assert lines[10] == ("ETA 0:03:40 with 2 workers: 100.0 ms per minibatch measured on 1 complete run(s), 3800 "
@@ -622,13 +633,17 @@ def test_status_shows_every_state_counts_and_the_eta_and_writes_nothing(tmp_path
 
 def test_status_rows_of_odd_and_older_runs(tmp_path):
     run = {n: sv.run_settings(sv.SETTINGS, {}, {"path_relative": str(tmp_path), "n_minibatches": 1000}, "exp", "a", n)
-           for n in range(1, 5)}
+           for n in range(1, 7)}
     write_status(run[1], state="paused", mb="12", message="odd")
     write_record(str(tmp_path), "exp", "a", 2, mb_count_total=300, settings={"n_minibatches": 1000},
                  val_top1_hist=[0.4], checkpoints=[0, 250])   # older run, no status.json; stopped at mb 300
     os.makedirs(sv.run_dir(run[3]))
     open(sv.log_path(run[3]), "w").write("error: the data are missing\n")      # launched, never got going
     write_status(run[4], state="failed", message="")
+    # diverged under an older suite, which did not test diverged runs: left to run (and then tested)
+    write_status(run[5], state="diverged", mb=77, last_checkpoint_mb=60, message="diverged at minibatch 78 (loss nan)")
+    write_record(str(tmp_path), "exp", "a", 6, mb_count_total=60, settings={"n_minibatches": 1000}, diverged=True,
+                 diverged_at_mb=78, checkpoints=[0, 60])                       # the same, with no status.json
     rows = {n: sv.run_status(run[n], "n1") for n in run}
     assert (rows[1]["state"], rows[1]["mb"]) == ("incomplete", 0)
     assert rows[1]["detail"] == "no checkpoint; odd; unknown state 'paused' in status.json"
@@ -637,6 +652,11 @@ def test_status_rows_of_odd_and_older_runs(tmp_path):
     assert rows[3]["state"] == "not started"
     assert rows[3]["detail"] == f"no status file; its log may say why: {sv.log_path(run[3])}"
     assert (rows[4]["state"], rows[4]["detail"]) == ("failed", "failed")
+    assert (rows[5]["state"], rows[5]["resume_mb"]) == ("incomplete", 60)
+    assert rows[5]["detail"] == ("diverged at minibatch 78 (loss nan), not tested; the sweep retrains it to there and "
+                                 "tests the best checkpoint before it")
+    assert rows[6]["state"] == "incomplete" and rows[6]["detail"].startswith("diverged at minibatch 78, not tested")
+    assert [sv.run_state(run[n]) for n in (5, 6)] == ["todo", "todo"]
 
 
 def test_status_imports_nothing_heavy(tmp_path):
@@ -655,7 +675,7 @@ def test_status_eta_without_timings_and_when_nothing_is_left():
            "detail": ""}
     assert sv.status_eta([dict(row, state="not started")], 1) == \
         "ETA unknown: no run has recorded its training time yet"
-    assert sv.status_eta([dict(row, state="complete"), dict(row, state="diverged")], 1) == "nothing left to run"
+    assert sv.status_eta([dict(row, state="complete"), dict(row, state="complete")], 1) == "nothing left to run"
     unfinished = dict(row, state="incomplete", mb=50, resume_mb=50, seconds=5.0)
     assert sv.status_eta([unfinished], 1).startswith("ETA 0:00:05 with 1 workers: 100.0 ms per minibatch "
                                                      "measured on 1 unfinished run(s) so far, 50 minibatches left")

@@ -368,6 +368,46 @@ def test_test_mode_evaluates_the_kept_model(tiny_root, capsys):
     assert f"top-1 {record['test_top1']:.4f}" in line and f"loss {record['test_loss']:.4f}" in line
 
 
+def original_test_in_session(run_batch, images, labels, minibatch_size):
+    """The original's __test_in_session (and validate): floor(n / minibatch_size) full minibatches in order, the
+    mean of their losses and top-1 accuracies; run_batch(images, labels) -> (loss, top1) is its sess.run."""
+    loss_store, top1_store = [], []
+    n_test_minibatches = int(np.floor(len(images) / minibatch_size))
+    for test_mb_counter in range(n_test_minibatches):
+        idx = list(range(minibatch_size * test_mb_counter, minibatch_size * (test_mb_counter + 1)))
+        loss, top1 = run_batch(images[idx], labels[idx])
+        loss_store.append(loss)
+        top1_store.append(top1)
+    return np.mean(loss_store), np.mean(top1_store)
+
+
+def test_batch_norm_with_batch_statistics_evaluates_the_originals_minibatches(tiny_root):
+    s = run_settings(tiny_root, network="smcnBN")
+    assert task.evaluation_batches(40, s) == [slice(0, 16), slice(16, 32)]         # the 8 left over: left out
+    assert task.evaluation_batches(10, s) == [slice(0, 10)]
+    assert task.evaluation_batches(40, dict(s, bn_inference="moving_averages")) == [slice(0, 40)]
+    assert task.evaluation_batches(1200, dict(s, network="smcnLin")) == [slice(0, 500), slice(500, 1000),
+                                                                          slice(1000, 1200)]
+    rng = np.random.default_rng(4)
+    images, labels = rng.normal(size=(40, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 40)
+    graph = task.tf.Graph()
+    with graph.as_default():
+        model = task.net.build_model(dict(s, n_classes=10))
+        init = task.tf.global_variables_initializer()
+    with task.tf.Session(graph=graph) as sess:
+        sess.run(init)
+        result = task.evaluate(sess, model, images, labels, s)
+
+        def run_batch(batch_images, batch_labels):
+            return sess.run([model.loss, model.top1], {model.inputs.images: batch_images,
+                                                       model.inputs.labels: batch_labels})
+        loss, top1 = original_test_in_session(run_batch, images, labels, 16)
+        one_batch, _ = run_batch(images[:32], labels[:32])
+    assert result["n"] == 32
+    assert result["loss"] == pytest.approx(loss, rel=1e-6) and result["top1"] == pytest.approx(top1, abs=1e-7)
+    assert abs(one_batch - loss) > 1e-4            # the batch an image is normalised in changes the numbers
+
+
 def test_no_validation_split_tests_last_checkpoint(tiny_root):
     s = run_settings(tiny_root, create_val_set=False, n_minibatches=10)
     assert train(s) == 0
