@@ -41,7 +41,8 @@ RECORDER_KEYS = {
     "val_loss_hist", "val_xentropy_hist", "val_top1_hist", "val_top5_hist", "val_apc_hist", "val_af_weights_hist",
     "val_preact_stats_hist", "checkpoints", "early_stopping_mb", "val_top1_smoothed", "test_mb_n_hist",
     "test_loss", "test_xentropy", "test_top1", "test_top5", "test_apc", "test_af_weights", "training_completed",
-    "test_completed", "diverged", "diverged_at_mb"}
+    "test_completed", "diverged", "diverged_at_mb", "activation_kernel", "activation_kernel_build",
+    "activation_kernel_history"}
 
 
 # ---------------------------------------------------------------- helpers

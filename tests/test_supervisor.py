@@ -590,7 +590,7 @@ def test_status_shows_every_state_counts_and_the_eta_and_writes_nothing(tmp_path
     run = {(spec, n): sv.run_settings(sv.SETTINGS, {}, {"path_relative": root, "n_minibatches": 1000},
                                       "exp", spec, n) for spec in ("relu", "ABU") for n in range(1, 5)}
     write_status(run["relu", 1], state="complete", mb=1000, val_top1=0.81, test_top1=0.8, last_checkpoint_mb=1000,
-                 train_seconds=100.0)
+                 train_seconds=100.0, activation_kernel="fused")
     holder, _ = hold_lock(run["relu", 2])
     write_status(run["relu", 2], pid=holder.pid, host=host, mb=400, val_top1=0.5, last_checkpoint_mb=300,
                  train_seconds=41.0)
@@ -598,7 +598,8 @@ def test_status_shows_every_state_counts_and_the_eta_and_writes_nothing(tmp_path
                  train_seconds=70.0, message="walltime reached")
     write_status(run["relu", 4], pid=999999, host="n9", mb=250, val_top1=0.4, last_checkpoint_mb=200)
     open(sv.lock_path(run["relu", 4]), "w").write("process 999999 on n9\n")     # a lock nobody holds
-    write_status(run["ABU", 1], state="complete", mb=122, val_top1=0.0, test_top1=0.3, diverged_at_mb=123)
+    write_status(run["ABU", 1], state="complete", mb=122, val_top1=0.0, test_top1=0.3, diverged_at_mb=123,
+                 activation_kernel="plain: DEEPNET_FUSED_ABU=0")
     write_status(run["ABU", 2], state="failed", mb=0, message="ValueError: boom")
     write_record(root, "exp", "ABU", 4, test_completed=True, mb_count_total=1000, settings={"n_minibatches": 1000},
                  val_top1_hist=[0.5, 0.7], test_top1=0.69, checkpoints=[500, 1000])   # older run: no status.json
@@ -608,27 +609,31 @@ def test_status_shows_every_state_counts_and_the_eta_and_writes_nothing(tmp_path
     assert result.returncode == 0 and result.stderr == ""
     assert tree(root) == before
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["spec", "run", "state", "minibatches", "val", "top-1", "test", "top-1", "details"]
+    assert lines[0].split() == ["spec", "run", "state", "minibatches", "val", "top-1", "test", "top-1", "kernel",
+                                "details"]
     rows = {tuple(line.split()[:2]): line for line in lines[1:9]}
-    expected = {
-        ("relu", "1"): "relu  1    complete     1000/1000    0.8100     0.8000",
-        ("relu", "2"): f"relu  2    running      400/1000     0.5000     -           {holder_text(holder)} (this machine)",
-        ("relu", "3"): "relu  3    incomplete   650/1000     0.6000     -           last checkpoint mb 600; walltime reached",
-        ("relu", "4"): "relu  4    incomplete   250/1000     0.4000     -           process 999999 on n9 ended without "
-                       "a word; last checkpoint mb 200",
-        ("ABU", "1"): "ABU   1    complete     122/1000     0.0000     0.3000      diverged at mb 123",
-        ("ABU", "2"): "ABU   2    failed       0/1000       -          -           ValueError: boom",
-        ("ABU", "3"): "ABU   3    not started  0/1000       -          -",
-        ("ABU", "4"): "ABU   4    complete     1000/1000    0.7000     0.6900",
+    expected = {  # the kernel column: what status.json says the run's activations ran on ('-': not recorded)
+        ("relu", "1"): "relu  1    complete     1000/1000    0.8100     0.8000      fused",
+        ("relu", "2"): f"relu  2    running      400/1000     0.5000     -           -       {holder_text(holder)} "
+                       "(this machine)",
+        ("relu", "3"): "relu  3    incomplete   650/1000     0.6000     -           -       last checkpoint mb 600; "
+                       "walltime reached",
+        ("relu", "4"): "relu  4    incomplete   250/1000     0.4000     -           -       process 999999 on n9 "
+                       "ended without a word; last checkpoint mb 200",
+        ("ABU", "1"): "ABU   1    complete     122/1000     0.0000     0.3000      plain   diverged at mb 123",
+        ("ABU", "2"): "ABU   2    failed       0/1000       -          -           -       ValueError: boom",
+        ("ABU", "3"): "ABU   3    not started  0/1000       -          -           -",
+        ("ABU", "4"): "ABU   4    complete     1000/1000    0.7000     0.6900      -",
     }
     for key, line in expected.items():
         assert rows[key] == line
     assert lines[9] == "8 runs: 3 complete (1 diverged), 1 running, 2 incomplete, 1 failed, 1 not started"
     # 0.1 s/mb (relu 1); relu 2 keeps a worker for 60 s; the other worker takes relu 3 (40 s), relu 4 (80 s,
     # ends at 120 s); ABU 2 (100 s) takes the worker free at 60 s -> 160 s; ABU 3 the one free at 120 s -> 220 s
-    assert lines[10] == ("ETA 0:03:40 with 2 workers: 100.0 ms per minibatch measured on 1 complete run(s), 3800 "
+    assert lines[10] == "activation kernel: fused in 1 run(s); plain: DEEPNET_FUSED_ABU=0 in 1 run(s)"
+    assert lines[11] == ("ETA 0:03:40 with 2 workers: 100.0 ms per minibatch measured on 1 complete run(s), 3800 "
                          "minibatches left, running runs keep their worker and the others take the first free one")
-    assert len(lines) == 11
+    assert len(lines) == 12
 
 
 def test_status_rows_of_odd_and_older_runs(tmp_path):
