@@ -632,8 +632,15 @@ def _plot_to(path, draw):
     draw(fig.gca())
     fig.tight_layout()
     tmp = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=90)
+    except OSError as err:  # e.g. a full disk: name the file, leave no partial one
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        err.filename = err.filename or path
+        raise
+    finally:
+        plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -820,7 +827,7 @@ def run_training(s, out=print):
         check_data_fits(s, len(train[1]))
         fingerprint = {"train": dataset_fingerprint(train_path, *train, s["path_relative"]),
                        "test": dataset_fingerprint(test_path, *test, s["path_relative"])}
-        _resume_point(s, paths, state, fingerprint, len(train[1]), out=lambda line: None)  # refused: nothing written
+        _resume_point(s, paths, state, fingerprint, len(train[1]), out=lambda line: None)  # a refusal writes nothing
     with RunLock(paths["lock"]), StopRequest() as stop:
         state, record = read_state(paths)  # again, now that no other process can change it
         if state in ("complete", "diverged", "orphan"):
@@ -847,10 +854,10 @@ def _resume_point(s, paths, state, fingerprint, n_images, out):
         check_same_settings(s, start)
         check_same_data(s, start, fingerprint, out)
     recorded = ((start or {}).get("data_fingerprint") or {}).get("split")
-    split = run_split(s, paths["split"], n_images, recorded)
-    if split[1] and recorded and os.path.exists(paths["split"]):
+    split, write = run_split(s, paths["split"], n_images, recorded)
+    if write and recorded and os.path.exists(paths["split"]):
         out(f"{s['spec_name']}/run {s['run']}: {paths['split']} is unreadable; rebuilt from -seed {s['seed']}")
-    return start, split
+    return start, (split, write)
 
 
 def _say_record_rebuilt(s, paths, record, start, out):
@@ -894,7 +901,7 @@ def check_same_settings(s, record):
 
 def newest_readable_record(paths):
     """The recorder of the newest checkpoint whose recorder can be read, or None."""
-    for mb, folder in sorted(checkpoint_dirs(paths["models"]).items(), reverse=True):
+    for _, folder in sorted(checkpoint_dirs(paths["models"]).items(), reverse=True):
         record, _ = read_record(os.path.join(folder, "recorder.pkl"))
         if record is not None:
             return record
@@ -982,14 +989,17 @@ class Trainer:
     def _restore(self, found):
         """The recorder of the newest checkpoint that can be read, its state restored; newer ones that cannot be
         read are reported (a line each) and removed: training from the one before rewrites them exactly. Once
-        training is complete only the model is needed, which the test restores."""
+        training is complete only the tested model is needed (the test restores it; when it is this checkpoint's
+        it must be readable here)."""
         for mb, folder in sorted(found.items(), reverse=True):
             try:
                 record = checkpoint_record(folder)
-                if record["training_completed"]:
-                    self.sess.run(self.init_op)
-                else:
+                if not record["training_completed"]:
                     self.checkpointer.restore_state(self.sess, folder)
+                else:
+                    self.sess.run(self.init_op)
+                    if early_stopping_mb(record, self.val_schedule)[0] == mb:
+                        self.checkpointer.restore_model(self.sess, folder)
             except CheckpointUnreadable as err:
                 earlier = "falling back to the checkpoint before it" if mb > min(found) else "it is the oldest"
                 self.out(f"{self.s['spec_name']}/run {self.s['run']}: {err}; {earlier}")

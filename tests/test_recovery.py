@@ -7,7 +7,6 @@ every refusal is one line, with the documented exit status, and writes nothing.
 import errno
 import glob
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_same, write_tiny_data
+from conftest import assert_same, write_tiny_data
 import deepnet_analysis
 import deepnet_main
 import deepnet_supervisor as sv
@@ -24,7 +23,7 @@ import deepnet_task_cifar as task
 import deepnet_util
 from deepnet_util import RunError, UserError, load_pickle, save_pickle
 from test_reliability import (MAIN, N, RUN_FLAGS, folder_digest, record_of, restore_signal_handlers,  # noqa: F401
-                              run_dir, snapshot, start, wait_for_line, working_dir)
+                              run_dir, snapshot, wait_for_line, working_dir)
 
 STOP_MB = 19  # the second checkpoint (0, 19, 30): a run stopped there has two checkpoints with their state
 
