@@ -60,6 +60,8 @@ def run_paths(s):
         status=os.path.join(run_dir, "status.json"),
         summaries=os.path.join(exp, "0_summaries", f"{spec}_{run}"),
         all_weights=os.path.join(exp, "0_all_weights"),
+        weight_temporaries=[net.af_weights_path(exp, spec, run, "*", "*") + ".*",  # of a killed writer
+                            os.path.join(exp, "0_all_weights", f"all_weights_{spec}_run_{run}_mb_*.pkl.*")],
     )
 
 
@@ -483,10 +485,14 @@ def checkpoint_dirs(models_dir):
 
 
 def remove_temporary_files(paths):
-    """Leftovers of an interrupted process: partial checkpoints, half-deleted folders, temp files."""
-    for folder in (paths["run_dir"], paths["models"], os.path.dirname(paths["split"])):
-        for path in glob.glob(os.path.join(glob.escape(folder), ".tmp_*")):
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    """Leftovers of an interrupted process: partial checkpoints, half-deleted folders, temp files (in the
+    experiment's shared weight folders only those of this run's files)."""
+    patterns = [os.path.join(glob.escape(folder), ".tmp_*")
+                for folder in (paths["run_dir"], paths["models"], os.path.dirname(paths["split"]))]
+    patterns += [os.path.join(glob.escape(os.path.dirname(p)), ".tmp_" + os.path.basename(p))
+                 for p in paths["weight_temporaries"]]
+    for path in (path for pattern in patterns for path in glob.glob(pattern)):
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def remove_folder(path):

@@ -190,7 +190,7 @@ def atomic_open(path):
     """Yield a binary file handle on a temporary file beside path; it replaces path only if the block completes."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp_{os.path.basename(path)}.", dir=folder)  # named: its owner cleans up
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from a shared group
         with os.fdopen(fd, "wb") as handle:

@@ -235,6 +235,28 @@ def test_a_missing_split_is_rebuilt_and_a_run_without_fingerprints_resumes(stopp
     assert_like_reference(root, reference)
 
 
+def test_a_resume_removes_its_own_leftover_weight_files_only(stopped_root, reference, tmp_path):
+    root = copy_root(stopped_root, tmp_path)
+    exp = os.path.join(root, "3_output_cifar", "rel")
+    with pytest.raises(KeyboardInterrupt):  # the name of the temporary file a writer killed here would leave
+        with deepnet_util.atomic_open(os.path.join(exp, "0_all_weights", "all_weights_spec_run_1_mb_1.pkl")):
+            leftovers = {"own": glob.glob(os.path.join(exp, "0_all_weights", ".tmp_*"))}
+            raise KeyboardInterrupt
+    assert len(leftovers["own"]) == 1
+    for name in ("af_weights_spec_run_1_mb_30.json.k2x", "all_weights_spec_run_1_mb_30.pkl.k3x"):
+        leftovers["own"].append(os.path.join(exp, "0_af_weights" if name.startswith("af") else "0_all_weights",
+                                             f".tmp_{name}"))
+    leftovers["others"] = [os.path.join(exp, "0_af_weights", ".tmp_af_weights_spec_run_2_mb_30.pkl.k4x"),
+                           os.path.join(exp, "0_all_weights", ".tmp_all_weights_other_run_1_mb_1.pkl.k5x")]
+    for path in leftovers["own"] + leftovers["others"]:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+    assert train_here(root)[0] == 0
+    assert not any(os.path.exists(path) for path in leftovers["own"])
+    assert all(os.path.exists(path) for path in leftovers["others"])
+    assert_like_reference(root, reference)
+
+
 def test_mode_test_checks_the_test_data_and_reads_the_model_in_one_line(complete_root, reference, tmp_path, capsys):
     root = copy_root(complete_root, tmp_path, own_data=True)
     code, _, out = cli_here(root, ["-mode", "test"], capsys)
