@@ -19,7 +19,9 @@ its validations are ignored here, so its val columns are empty and nothing is pi
 As in the original, a run whose mean validation accuracy (mean of val_top1_hist over the whole run) is above
 0.95 or below 0.3 only gets a printed warning: the original prints "excluded" but keeps the run, so it is kept.
 An experiment without any complete run is a UserError; one whose complete runs are all bad is analysed (empty
-table, every run listed with its reason in excluded_runs.csv and the report).
+table, every run listed with its reason in excluded_runs.csv and the report). An experiment whose complete runs
+of one task and preprocessing were trained on different data (their recorded data fingerprints differ), or whose
+runs with one seed and split settings on different splits, is a UserError too: such runs are not comparable.
 
 main_performance_analysis.csv, ';'-separated, one row per spec with an analysed run; the original's columns first:
     spec_name; n_runs                              n_runs = analysed runs
@@ -84,7 +86,7 @@ from scipy import stats  # noqa: E402
 
 import deepnet_network as net  # noqa: E402
 import deepnet_report  # noqa: E402
-from deepnet_task_cifar import write_hparams_config  # noqa: E402
+from deepnet_task_cifar import data_change, split_change, write_hparams_config  # noqa: E402
 from deepnet_util import UserError, atomic_write_bytes, load_pickle, save_pickle, save_text  # noqa: E402
 
 STAT_NAMES = ("median", "mean", "var", "std", "max", "min")
@@ -222,6 +224,34 @@ def load_spec(exp_dir, spec, out):
         runs.append(run)
         records.append(record)
     return runs, records, excluded, notes
+
+
+def check_same_data(exp_dir, specs):
+    """UserError naming the recorder of a complete run trained on other data than an earlier run of the same task
+    and preprocessing, or on another split than an earlier run with the same seed and split settings (runs that
+    recorded no data fingerprint are not compared). Reads each recorder once more, one at a time, so that a
+    refusal comes before anything is written."""
+    first = {}
+    for spec in specs:
+        for run in run_numbers(exp_dir, spec):
+            record, _, _ = check_run(exp_dir, spec, run)
+            fingerprint, settings = (record or {}).get("data_fingerprint"), (record or {}).get("settings") or {}
+            if not fingerprint:
+                continue
+            path = recorder_path(exp_dir, spec, run)
+            data = (settings.get("task"), settings.get("preprocessing"))
+            split = (*data, *(settings.get(key) for key in ("seed", "create_val_set", "val_set_fraction",
+                                                             "minibatch_size")))
+            other_data, before = first.setdefault(data, (path, fingerprint))
+            for key in ("train", "test"):
+                change = data_change(before[key], fingerprint[key])
+                if change:
+                    raise UserError(f"{path}: trained on other data than {other_data} ({fingerprint[key]['file']}: "
+                                    f"{change}); analyse runs of one dataset together")
+            other_split, before = first.setdefault(split, (path, fingerprint))
+            change = split_change(before["split"], fingerprint["split"])
+            if change:
+                raise UserError(f"{path}: trained on another split than {other_split} ({change})")
 
 
 # ---------------------------------------------------------------- per-run numbers at the tested minibatch
@@ -796,6 +826,7 @@ def analyse_experiment(exp_dir, reference="relu", out=print):
     experiment = os.path.basename(exp_dir)
     performance, excluded, notes, test_accs, curves, summaries, plots, settings = [], [], [], {}, {}, {}, {}, {}
     kernels, diverged = {}, []
+    check_same_data(exp_dir, specs)
     for spec in specs:
         runs, records, spec_excluded, spec_notes = load_spec(exp_dir, spec, out)
         excluded += spec_excluded

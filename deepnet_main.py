@@ -81,7 +81,7 @@ FLAGS = [
     ("create_lc_on_the_fly", boolean, True, "plot learning curves at each checkpoint"),
     ("bn_inference", str, "batch_statistics", f"{', '.join(BN_INFERENCE)}: what batch norm (smcnBN) normalises "
      "with at validation and test (batch statistics: in batches of -minibatch_size, as the original)"),
-    ("seed", int, None, "random seed (default: the run number, pairing runs across specs)"),
+    ("seed", int, None, "random seed, 0 .. 2**32 - 1 (default: the run number, pairing runs across specs)"),
     ("val_every", int, 20, "validate every this many minibatches"),
     ("reference", str, "relu", "analysis: the spec every other spec is compared with"),
 ]
@@ -131,7 +131,8 @@ def validate(s):
     _require(all(math.isfinite(m) and m > 0 for m in s["lr_step_multi"]), "lr_step_multi", "must be positive")
     if s["seed"] is None:
         s["seed"] = s["run"]
-    _require(s["seed"] >= 0, "seed", "must be >= 0")
+    _require(0 <= s["seed"] < 2 ** 32, "seed",
+             f"must lie in 0 .. 2**32 - 1 (default: the -run number), got {s['seed']}")
     import deepnet_network as net  # after the cheap checks: importing TensorFlow takes seconds
     try:
         net.parse_af_set(s["af_set"])

@@ -378,10 +378,13 @@ def lock_holder(settings):
 
 
 def run_state(settings):
-    """'complete' or 'todo', from the run's status.json (older runs: its recorder). A run that diverged is tested
-    from its best checkpoint before the divergence, so it ends complete; one that diverged untested (an older
-    suite) is 'todo': run again, it retrains to the divergence and is tested."""
+    """'complete', 'damaged' (complete, but its recorder is missing or not the size written) or 'todo', from the
+    run's status.json (older runs: its recorder). A run that diverged is tested from its best checkpoint before
+    the divergence, so it ends complete; one that diverged untested (an older suite) is 'todo': run again, it
+    retrains to the divergence and is tested."""
     status = load_json_object(status_path(settings))
+    if status is not None and status.get("state") == "complete" and not record_intact(settings, status):
+        return "damaged"
     if status is not None:
         return "complete" if status.get("state") == "complete" else "todo"
     path = record_path(settings)
@@ -399,6 +402,15 @@ def diverged_at(settings):
     return number((load_json_object(status_path(settings)) or {}).get("diverged_at_mb"))
 
 
+def record_intact(settings, status):
+    """Whether a complete run's recorder exists with the size its status.json gives (a stat, no reading)."""
+    try:
+        size = os.path.getsize(record_path(settings))
+    except OSError:
+        return False
+    return status.get("record_bytes") in (None, size)
+
+
 def plan(args):
     """Every run of the selection: a list of settings dicts (UserError on bad input)."""
     sweep = SWEEPS[args.sweep]
@@ -414,8 +426,11 @@ def plan(args):
 def split_by_state(runs, out):
     """(runs to start, number complete); complete runs are reported, not started."""
     states = [run_state(s) for s in runs]
-    todo = [s for s, state in zip(runs, states) if state == "todo"]
+    todo = [s for s, state in zip(runs, states) if state in ("todo", "damaged")]
     complete = states.count("complete")
+    for settings in (s for s, state in zip(runs, states) if state == "damaged"):
+        out(f"{run_name(settings)}: complete, but its recorder {record_path(settings)} is missing or damaged: "
+            "rerunning it rebuilds the recorder from its last checkpoint")
     if complete:
         out(f"{complete} of {len(runs)} runs already complete: skipped")
     return todo, complete
@@ -640,14 +655,16 @@ def child_environment(workers):
 
 
 def launch(settings, env):
-    """Start one run; its stdout and stderr are appended to its log file."""
+    """Start one run; its stdout and stderr are appended to its log file. Returns (process, log, the log's
+    size before this launch wrote to it)."""
     path = log_path(settings)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     log = open(path, "ab")
+    offset = log.seek(0, os.SEEK_END)
     args = command(settings)
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} deepnet_supervisor: {shlex.join(args)}\n".encode())
     log.flush()
-    return start_process(args, log, env), log
+    return start_process(args, log, env), log, offset
 
 
 def start_process(args, log, env):
@@ -690,28 +707,29 @@ def finish_time(busy, pending, workers):
     return max(free_at, default=0.0)
 
 
-def log_tail(path, size=4096):
+def log_since(path, offset):
+    """The log's text from byte offset on ('' if it cannot be read)."""
     try:
         with open(path, "rb") as handle:
-            handle.seek(max(os.path.getsize(path) - size, 0))
+            handle.seek(offset)
             return handle.read().decode(errors="replace")
     except OSError:
         return ""
 
 
-def locked_elsewhere(settings, returncode):
+def locked_elsewhere(settings, returncode, offset=0):
     """The holder ('process P on HOST') when a run exited because another process runs it, else ''.
 
-    deepnet_main exits 2 with '...: this run is already running (HOLDER)' then; the lock may be free again
-    by the time the exit is seen, so the log's last line counts as well."""
+    deepnet_main exits 2 with '...: this run is already running (HOLDER)' then; the lock may be free again by
+    the time the exit is seen, and the other process may have written to the same log since, so the lines
+    this launch added to the log (from offset on) are searched for that refusal."""
     if returncode != 2:
         return ""
     holder = lock_holder(settings)
     if holder:
         return holder
-    lines = log_tail(log_path(settings)).strip().splitlines()
-    found = re.search(r"this run is already running \((.*)\)$", lines[-1]) if lines else None
-    return found.group(1) if found else ""
+    found = re.findall(r"this run is already running \((.*)\)$", log_since(log_path(settings), offset), re.M)
+    return found[-1] if found else ""
 
 
 def outcome(settings, returncode):
@@ -741,7 +759,7 @@ class LocalPool:
         self.counts = {"complete": 0, "incomplete": 0, "diverged": 0, "failed": 0}
         self.durations = []
         self.env = child_environment(workers)
-        self.elsewhere_checked = self.wait_reported = time.time()
+        self.elsewhere_checked = self.wait_reported = time.monotonic()
 
     def run(self):
         """Returns the outcome counts; Ctrl-C / SIGTERM stop the children (they checkpoint) and re-raise."""
@@ -762,26 +780,27 @@ class LocalPool:
     def _fill(self):
         while self.pending and len(self.running) < self.workers:
             settings = self.pending.pop(0)
-            proc, log = launch(settings, self.env)
-            self.running[proc] = (settings, log, time.time())
+            proc, log, offset = launch(settings, self.env)
+            self.running[proc] = (settings, log, time.monotonic(), offset)
 
     def _reap(self):
         finished = [proc for proc in self.running if proc.poll() is not None]
         for proc in finished:
-            settings, log, began = self.running.pop(proc)
+            settings, log, began, offset = self.running.pop(proc)
             log.close()
-            holder = locked_elsewhere(settings, proc.returncode)
+            holder = locked_elsewhere(settings, proc.returncode, offset)
             if holder:                  # it lost the race for the lock: not a failure
                 self.out(f"{run_name(settings)}: running elsewhere ({holder})")
                 self.elsewhere.append((settings, holder))
                 continue
             kind, text = outcome(settings, proc.returncode)
-            self._count(settings, kind, f"{text} in {clock(time.time() - began)}", time.time() - began)
+            seconds = time.monotonic() - began
+            self._count(settings, kind, f"{text} in {clock(seconds)}", seconds)
         return finished
 
     def _check_elsewhere(self):
         """Count or queue the runs running elsewhere that have ended; now and then a line about the others."""
-        now = time.time()
+        now = time.monotonic()
         if not self.elsewhere or now - self.elsewhere_checked < ELSEWHERE_POLL_S:
             return []
         self.elsewhere_checked = now
@@ -789,7 +808,8 @@ class LocalPool:
         for item in ended:
             self.elsewhere.remove(item)
             settings = item[0]
-            if run_state(settings) == "todo":
+            state = run_state(settings)
+            if state in ("todo", "damaged"):
                 self.out(f"{run_name(settings)}: ended elsewhere unfinished; resuming it here")
                 self.pending.append(settings)
             else:
@@ -814,8 +834,8 @@ class LocalPool:
     def _eta(self):
         """Mean run time: running runs need the rest of it, waiting runs take the first free worker."""
         mean = sum(self.durations) / len(self.durations)
-        now = time.time()
-        busy = [max(mean - (now - began), 0) for _, _, began in self.running.values()]
+        now = time.monotonic()
+        busy = [max(mean - (now - began), 0) for _, _, began, _ in self.running.values()]
         return finish_time(busy, [mean] * len(self.pending), self.workers)
 
     def _stop_all(self):
@@ -823,15 +843,15 @@ class LocalPool:
                  "and resume when the sweep is started again")
         for proc in self.running:
             proc.terminate()
-        deadline = time.time() + STOP_TIMEOUT_S
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         try:
             for proc in self.running:
-                proc.wait(timeout=max(deadline - time.time(), 0.1))
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             for proc in self.running:
                 if proc.poll() is None:
                     proc.kill()
-        for proc, (_, log, _) in self.running.items():
+        for proc, (_, log, _, _) in self.running.items():
             proc.wait()
             log.close()
 

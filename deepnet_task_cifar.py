@@ -2,14 +2,18 @@
 
 A run lives in EXP/<spec>/run_<run>/ (EXP = PATH/3_output_cifar/<experiment>/). Its checkpoints are
 folders models/ckpt_mb_<mb>/ that appear atomically (written under a temporary name, then renamed):
-    state.*        model and optimizer variables (only the newest checkpoint keeps it: resume)
+    state.*        model and optimizer variables (the newest two checkpoints keep it: resume, and fall back
+                   to the one before when the newest cannot be read)
     model.*        model variables (kept while the checkpoint can still win post-hoc early stopping)
-    recorder.pkl   the recorder as of that minibatch
+    recorder.pkl   the recorder as of that minibatch; once the run is tested, the kept folder holds the last
+                   checkpoint's, from which a lost run recorder is rebuilt by testing again
 Everything random is a pure function of (seed, epoch / step, layer): the data split, each epoch's order
-and the dropout masks. So a run resumed from any checkpoint continues exactly as it would have.
+and the dropout masks; the run records its data's fingerprint and its thread counts and resumes only on the
+same data, with the same threads. So a run resumed from any checkpoint continues exactly as it would have.
 """
 import functools
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -20,7 +24,9 @@ import numpy as np
 import psutil
 
 import deepnet_network as net
-from deepnet_util import RunLock, UserError, load_json_object, load_pickle, save_json, save_pickle, save_text
+from deepnet_task_cifar_preprocessing import sidecar_path
+from deepnet_util import (RunError, RunLock, UserError, atomic_write_bytes, load_json_object, load_pickle,
+                          save_json, save_pickle, save_text, tf_error_reason)
 
 tf = net.tf
 
@@ -60,6 +66,8 @@ def run_paths(s):
         status=os.path.join(run_dir, "status.json"),
         summaries=os.path.join(exp, "0_summaries", f"{spec}_{run}"),
         all_weights=os.path.join(exp, "0_all_weights"),
+        weight_temporaries=[net.af_weights_path(exp, spec, run, "*", "*") + ".*",  # of a killed writer
+                            os.path.join(exp, "0_all_weights", f"all_weights_{spec}_run_{run}_mb_*.pkl.*")],
     )
 
 
@@ -186,6 +194,126 @@ def check_data_fits(s, n_train_images):
                         f"training images left after a validation split of {n_val}")
 
 
+# ---------------------------------------------------------------- data identity
+
+def _sha256(*arrays):
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(path, images, labels, root):
+    """What identifies a data file: its path under -path_relative, its image count, a sha256 of the arrays as
+    training reads them, and its sidecar's preprocessing parameters (None without a sidecar; for messages)."""
+    sidecar = load_json_object(sidecar_path(path)) or {}
+    return {"file": os.path.relpath(path, root), "images": len(labels), "sha256": _sha256(images, labels),
+            "parameters": sidecar.get("parameters")}
+
+
+def split_fingerprint(split):
+    """The split's sizes and a sha256 of its (training, validation) indices."""
+    train_idx, val_idx = split
+    return {"train": len(train_idx), "validation": len(val_idx),
+            "sha256": _sha256(np.asarray(train_idx, np.int64), np.asarray(val_idx, np.int64))}
+
+
+def data_change(before, now):
+    """How a data file's fingerprint changed ('' if it did not): its preprocessing parameters, its image count
+    or its content."""
+    if (before["images"], before["sha256"]) == (now["images"], now["sha256"]):
+        return ""
+    old, new = before.get("parameters"), now.get("parameters")
+    if isinstance(old, dict) and isinstance(new, dict) and old != new:
+        changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+        return "preprocessed with other parameters: " + ", ".join(
+            f"{key} {old.get(key)} -> {new.get(key)}" for key in changed)
+    if before["images"] != now["images"]:
+        return f"{before['images']} -> {now['images']} images"
+    return f"same size, other content: sha256 {before['sha256'][:12]}... -> {now['sha256'][:12]}..."
+
+
+def split_change(before, now):
+    """How a split's fingerprint changed ('' if it did not)."""
+    if before == now:
+        return ""
+    if (before["train"], before["validation"]) != (now["train"], now["validation"]):
+        return (f"{before['train']} training / {before['validation']} validation images -> "
+                f"{now['train']} / {now['validation']}")
+    return f"other images in each part: sha256 {before['sha256'][:12]}... -> {now['sha256'][:12]}..."
+
+
+def check_same_data(s, record, fingerprint, out=print):
+    """UserError naming the data file when it differs from the one the run started with (in `fingerprint`:
+    'train' and/or 'test'). A run started before fingerprints were recorded is noted and not checked."""
+    before = record.get("data_fingerprint")
+    tag = f"{s['spec_name']}/run {s['run']}"
+    if not before:
+        out(f"{tag}: started before data fingerprints were recorded, so its data cannot be checked")
+        return
+    for key, now in fingerprint.items():
+        change = data_change(before[key], now) if key in before else ""
+        if change:
+            raise UserError(f"{os.path.join(s['path_relative'], now['file'])}: not the data {tag} started with "
+                            f"({change}); restore those data, or start another run (-run, -spec_name or "
+                            "-experiment_name)")
+
+
+def read_split(path):
+    """The (training, validation) indices in a split file, or None when it is missing or unreadable."""
+    try:
+        split = load_pickle(path) if os.path.isfile(path) else None
+    except UserError:
+        return None
+    if not (isinstance(split, (tuple, list)) and len(split) == 2 and
+            all(isinstance(part, np.ndarray) and part.ndim == 1 and np.issubdtype(part.dtype, np.integer)
+                for part in split)):
+        return None
+    return tuple(split)
+
+
+def run_split(s, path, n_images, recorded):
+    """(the run's split, whether split.pkl must be written): the file's when it holds the split the run started
+    with (`recorded`, else the seed's), UserError when it holds another; the seed's when it is missing or
+    unreadable."""
+    from_seed = make_split(n_images, s)
+    expected = recorded or split_fingerprint(from_seed)
+    saved = read_split(path)
+    if saved is not None:
+        change = split_change(expected, split_fingerprint(saved))
+        if change:
+            raise UserError(f"{path}: not the split {s['spec_name']}/run {s['run']} started with ({change}); "
+                            f"delete it to have it rebuilt from -seed {s['seed']}")
+        return saved, False
+    change = split_change(expected, split_fingerprint(from_seed))
+    if change:
+        raise UserError(f"{path}: missing or unreadable, and -seed {s['seed']} gives another split than the "
+                        f"one the run started with ({change})")
+    return from_seed, True
+
+
+# ---------------------------------------------------------------- threads
+
+def current_threads():
+    """The thread counts a new run uses: TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS where set (the
+    supervisor sets them), else TensorFlow's default, one per CPU this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def from_env(name):
+        text = os.environ.get(name, "")
+        return int(text) if text.isdigit() and int(text) > 0 else cpus
+    return {"intra_op": from_env("TF_NUM_INTRAOP_THREADS"), "inter_op": from_env("TF_NUM_INTEROP_THREADS")}
+
+
+def session_config(threads):
+    """A Session config with the run's thread counts. The intra-op count changes the low bits of the
+    results; TensorFlow would size one pool for the whole process from its first session, so each session
+    gets its own (TF_OVERRIDE_GLOBAL_THREADPOOL, read when TensorFlow creates its first device)."""
+    os.environ["TF_OVERRIDE_GLOBAL_THREADPOOL"] = "1"
+    return tf.ConfigProto(intra_op_parallelism_threads=threads["intra_op"],
+                          inter_op_parallelism_threads=threads["inter_op"])
+
+
 # ---------------------------------------------------------------- schedules
 
 def nominal_mbs_per_epoch(s, n_images):
@@ -246,10 +374,11 @@ RECORD_LISTS = ("train_loss_hist train_xentropy_hist train_top1_hist train_mb_n_
                 "val_preact_stats_hist val_mb_n_hist checkpoints val_top1_smoothed test_mb_n_hist").split()
 
 
-def new_recorder(s, mbs_per_epoch):
+def new_recorder(s, mbs_per_epoch, data_fingerprint=None, threads=None):
     record = {key: [] for key in RECORD_LISTS}
     record.update(experiment_name=s["experiment_name"], spec_name=s["spec_name"], run=s["run"],
-                  settings=dict(s), mbs_per_epoch=mbs_per_epoch, mb_count_total=0, ep_count_total=0,
+                  settings=dict(s), mbs_per_epoch=mbs_per_epoch, data_fingerprint=data_fingerprint,
+                  threads=threads or current_threads(), mb_count_total=0, ep_count_total=0,
                   early_stopping_mb=None, test_loss=None, test_xentropy=None, test_top1=None, test_top5=None,
                   test_apc=None, test_af_weights=None, training_completed=False, test_completed=False,
                   diverged=False, diverged_at_mb=None, activation_kernel=None, activation_kernel_build="",
@@ -376,10 +505,14 @@ def checkpoint_dirs(models_dir):
 
 
 def remove_temporary_files(paths):
-    """Leftovers of an interrupted process: partial checkpoints, half-deleted folders, temp files."""
-    for folder in (paths["run_dir"], paths["models"], os.path.dirname(paths["split"])):
-        for path in glob.glob(os.path.join(glob.escape(folder), ".tmp_*")):
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    """Leftovers of an interrupted process: partial checkpoints, half-deleted folders, temp files (in the
+    experiment's shared weight folders only those of this run's files)."""
+    patterns = [os.path.join(glob.escape(folder), ".tmp_*")
+                for folder in (paths["run_dir"], paths["models"], os.path.dirname(paths["split"]))]
+    patterns += [os.path.join(glob.escape(os.path.dirname(p)), ".tmp_" + os.path.basename(p))
+                 for p in paths["weight_temporaries"]]
+    for path in (path for pattern in patterns for path in glob.glob(pattern)):
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def remove_folder(path):
@@ -387,6 +520,45 @@ def remove_folder(path):
     doomed = os.path.join(os.path.dirname(path), f".tmp_del_{os.path.basename(path)}_{os.getpid()}")
     os.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+STATE_KEPT = 2  # the newest checkpoints that keep the optimizer state: resume, or fall back to the one before
+
+
+class CheckpointUnreadable(Exception):
+    """A checkpoint file that cannot be read (truncated, missing, corrupt)."""
+
+
+def read_record(path):
+    """(the recorder in path, '') or (None, why not): missing, unreadable or not a recorder."""
+    if not os.path.isfile(path):
+        return None, f"{path}: missing"
+    try:
+        record = load_pickle(path)
+    except UserError as err:
+        return None, str(err)
+    if not isinstance(record, dict) or "settings" not in record:
+        return None, f"{path}: not a recorder"
+    return record, ""
+
+
+def checkpoint_record(folder):
+    """The recorder of a checkpoint folder (CheckpointUnreadable if it cannot be read)."""
+    record, problem = read_record(os.path.join(folder, "recorder.pkl"))
+    if record is None:
+        raise CheckpointUnreadable(problem)
+    return record
+
+
+def restore(saver, sess, folder, name):
+    """saver.restore from folder/name (CheckpointUnreadable naming the folder if it cannot be read)."""
+    if not os.path.isfile(os.path.join(folder, f"{name}.index")):
+        raise CheckpointUnreadable(f"{folder}: {name}.index missing")
+    try:
+        saver.restore(sess, os.path.join(folder, name))
+    except (tf.errors.OpError, ValueError) as err:
+        reason = tf_error_reason(err) if isinstance(err, tf.errors.OpError) else str(err)
+        raise CheckpointUnreadable(f"{folder}: {name}.* unreadable ({reason})") from None
 
 
 class Checkpointer:
@@ -412,20 +584,26 @@ class Checkpointer:
                 remove_folder(final)
             os.rename(tmp, final)
             _fsync_dir(self.models_dir)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, tf.errors.OpError):
+                raise RunError(f"{final}: checkpoint not written ({tf_error_reason(err)}); the checkpoints "
+                               "written before are intact: fix the cause and run the same command again to "
+                               "resume") from None
             raise
 
     def restore_state(self, sess, folder):
-        self.state_saver.restore(sess, os.path.join(folder, "state"))
+        restore(self.state_saver, sess, folder, "state")
 
     def restore_model(self, sess, folder):
-        self.model_saver.restore(sess, os.path.join(folder, "model"))
+        restore(self.model_saver, sess, folder, "model")
 
-    def prune(self, keep_models, keep_state_mb):
-        """Delete state files of all but the newest checkpoint, and folders no longer needed."""
-        for mb, folder in checkpoint_dirs(self.models_dir).items():
-            if mb == keep_state_mb:
+    def prune(self, keep_models):
+        """Delete state files of all but the newest STATE_KEPT checkpoints, and folders no longer needed."""
+        found = checkpoint_dirs(self.models_dir)
+        newest = sorted(found)[-STATE_KEPT:]
+        for mb, folder in found.items():
+            if mb in newest:
                 continue
             if mb not in keep_models:
                 remove_folder(folder)
@@ -480,8 +658,15 @@ def _plot_to(path, draw):
     draw(fig.gca())
     fig.tight_layout()
     tmp = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=90)
+    except OSError as err:  # e.g. a full disk: name the file, leave no partial one
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        err.filename = err.filename or path
+        raise
+    finally:
+        plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -614,8 +799,9 @@ def prepare(s):
 
 def read_state(paths):
     """('complete'|'resume'|'fresh'|'orphan', record or None). A diverged run that is not tested yet resumes:
-    it retrains to its divergence, exactly, and is tested."""
-    record = load_pickle(paths["record"]) if os.path.isfile(paths["record"]) else None
+    it retrains to its divergence, exactly, and is tested. An unreadable recorder counts as missing (a run with
+    a checkpoint rebuilds it)."""
+    record, _ = read_record(paths["record"])
     if record is not None and record.get("test_completed"):
         return "complete", record
     if checkpoint_dirs(paths["models"]):
@@ -626,12 +812,18 @@ def read_state(paths):
 
 
 def finish_cleanup(paths, record):
-    """Keep only the tested model; drop the split (idempotent)."""
-    keep = record["early_stopping_mb"]
+    """Keep only the tested model, with the last checkpoint's recorder (a lost run recorder is rebuilt from it by
+    testing again); a diverged run also keeps its newest checkpoint whole (a lost recorder is rebuilt by training
+    from there to the divergence again, exactly, and testing). Drop the split (idempotent)."""
+    keep, found = record["early_stopping_mb"], checkpoint_dirs(paths["models"])
+    resume = max(found) if record.get("diverged") and found else None
+    if keep in found and max(found) != keep and resume is None:
+        with open(os.path.join(found[max(found)], "recorder.pkl"), "rb") as handle:
+            atomic_write_bytes(os.path.join(found[keep], "recorder.pkl"), handle.read())
     for mb, folder in checkpoint_dirs(paths["models"]).items():
-        if mb != keep:
+        if mb not in (keep, resume):
             remove_folder(folder)
-        else:
+        elif mb != resume:
             for path in glob.glob(os.path.join(glob.escape(folder), "state.*")):
                 os.remove(path)
     remove_temporary_files(paths)
@@ -661,21 +853,48 @@ def run_training(s, out=print):
         train_path, test_path = data_files(s)
         train, test = load_dataset(train_path, n_classes), load_dataset(test_path, n_classes)
         check_data_fits(s, len(train[1]))
+        fingerprint = {"train": dataset_fingerprint(train_path, *train, s["path_relative"]),
+                       "test": dataset_fingerprint(test_path, *test, s["path_relative"])}
+        _resume_point(s, paths, state, fingerprint, len(train[1]), out=lambda line: None)  # a refusal writes nothing
     with RunLock(paths["lock"]), StopRequest() as stop:
         state, record = read_state(paths)  # again, now that no other process can change it
         if state in ("complete", "orphan"):
             return _finished(s, paths, state, record, out)
-        remove_temporary_files(paths)
-        if state == "resume":
-            check_same_settings(s, load_pickle(latest_checkpoint_record(paths)))
-        if os.path.exists(paths["split"]):
-            split = load_pickle(paths["split"])
-        else:
-            split = make_split(len(train[1]), s)
+        start, (split, write_split) = _resume_point(s, paths, state, fingerprint, len(train[1]), out)
+        if start is not None:
+            _say_record_rebuilt(s, paths, record, start, out)
+        if write_split:
             save_pickle(paths["split"], split)
+        remove_temporary_files(paths)
+        fingerprint["split"] = split_fingerprint(split)
         data = Data(train, test, split, s["minibatch_size"])
         del train
-        return Trainer(s, paths, data, af_init, out, stop).run()
+        return Trainer(s, paths, data, af_init, out, stop, fingerprint, (start or {}).get("threads")).run()
+
+
+def _resume_point(s, paths, state, fingerprint, n_images, out):
+    """(the recorder to resume from or None, (split, whether to write it)), checked: the same flags, data and
+    split as the run started with (UserError if not), and a readable checkpoint (RunError if none)."""
+    start = newest_readable_record(paths) if state == "resume" else None
+    if state == "resume" and start is None:
+        raise no_readable_checkpoint(paths, "no recorder.pkl can be read")
+    if start is not None:
+        check_same_settings(s, start)
+        check_same_data(s, start, fingerprint, out)
+    recorded = ((start or {}).get("data_fingerprint") or {}).get("split")
+    split, write = run_split(s, paths["split"], n_images, recorded)
+    if write and recorded and os.path.exists(paths["split"]):
+        out(f"{s['spec_name']}/run {s['run']}: {paths['split']} is unreadable; rebuilt from -seed {s['seed']}")
+    return start, (split, write)
+
+
+def _say_record_rebuilt(s, paths, record, start, out):
+    """A line when the run's recorder is missing or unreadable although the run has a checkpoint."""
+    problem = read_record(paths["record"])[1] if record is None else ""
+    was_complete = (load_json_object(paths["status"]) or {}).get("state") == "complete"   # e.g. a diverged run
+    if problem and (start["training_completed"] or was_complete or os.path.exists(paths["record"])):
+        out(f"{s['spec_name']}/run {s['run']}: {problem}; it is rebuilt from the newest checkpoint"
+            + (", testing the run again" if start["training_completed"] or was_complete else ""))
 
 
 def _finished(s, paths, state, record, out):
@@ -706,16 +925,28 @@ def check_same_settings(s, record):
                         "use the original flags or another -run/-spec_name")
 
 
-def latest_checkpoint_record(paths):
-    found = checkpoint_dirs(paths["models"])
-    return os.path.join(found[max(found)], "recorder.pkl")
+def newest_readable_record(paths):
+    """The recorder of the newest checkpoint whose recorder can be read, or None."""
+    for _, folder in sorted(checkpoint_dirs(paths["models"]).items(), reverse=True):
+        record, _ = read_record(os.path.join(folder, "recorder.pkl"))
+        if record is not None:
+            return record
+    return None
+
+
+def no_readable_checkpoint(paths, unreadable):
+    return RunError(f"{paths['models']}: no checkpoint can be read ({unreadable}); nothing was deleted. To train the "
+                    f"run again from the start, move {paths['run_dir']} away and run the same command")
 
 
 class Trainer:
-    """One run's training loop, validation, checkpoints and final test."""
+    """One run's training loop, validation, checkpoints and final test.
 
-    def __init__(self, s, paths, data, af_init, out, stop):
+    data_fingerprint and threads identify a new run's data and threads (a resumed run has its own)."""
+
+    def __init__(self, s, paths, data, af_init, out, stop, data_fingerprint=None, threads=None):
         self.s, self.paths, self.data, self.out, self.stop = s, paths, data, out, stop
+        self.data_fingerprint, self.threads = data_fingerprint, threads or current_threads()
         self.n_images = len(data.labels)
         self.val_schedule = validation_mbs(s)
         self.val_mbs = set(self.val_schedule)
@@ -729,9 +960,14 @@ class Trainer:
             self.checkpointer = Checkpointer(self.model, paths["models"])
             self.init_op = tf.global_variables_initializer()
         self.graph.finalize()
-        self.sess = tf.Session(graph=self.graph)
-        self.writer = tf.summary.FileWriter(paths["summaries"])
-        self.started = time.time()
+        self.sess = tf.Session(graph=self.graph, config=session_config(self.threads))
+        try:
+            self.writer = tf.summary.FileWriter(paths["summaries"])
+        except tf.errors.OpError as err:
+            self.sess.close()
+            raise RunError(f"{paths['summaries']}: cannot write the TensorBoard summaries there "
+                           f"({tf_error_reason(err)})") from None
+        self.started = time.monotonic()
         self.timing = {"mb": [], "val": []}
         self.status = RunStatus(paths["status"], s)
 
@@ -739,7 +975,10 @@ class Trainer:
         try:
             return self._run()
         except BaseException as err:
-            self.status.write(self.record, "failed", f"{type(err).__name__}: {err}")
+            try:
+                self.status.write(self.record, "failed", f"{type(err).__name__}: {err}")
+            except OSError:  # e.g. the full disk that stopped the run: its own error is the one to report
+                pass
             raise
         finally:
             self.writer.close()
@@ -750,16 +989,17 @@ class Trainer:
         found = checkpoint_dirs(paths["models"])
         self.record = None
         if found:
-            latest = max(found)
-            self.record = load_pickle(os.path.join(found[latest], "recorder.pkl"))
-            self.checkpointer.restore_state(self.sess, found[latest])
+            self.record = self._restore(found)
+            latest = self.record["mb_count_total"]
+            self.record.setdefault("data_fingerprint", self.data_fingerprint)  # runs started before both were
+            self.record.setdefault("threads", self.threads)                    # recorded (check_same_data says so)
             self.writer.add_session_log(tf.SessionLog(status=tf.SessionLog.START), global_step=latest)
             self.status.last_checkpoint_mb = latest
             self._note_activation_kernel()
             self.status.write(self.record, "running", f"resumed from minibatch {latest}")
             self.out(f"{s['spec_name']}/run {s['run']}: resuming from minibatch {latest}")
         else:
-            self.record = new_recorder(s, self.data.mbs_per_epoch)
+            self.record = new_recorder(s, self.data.mbs_per_epoch, self.data_fingerprint, self.threads)
             self._note_activation_kernel()
             self.status.write(self.record, "running", "started")
             log_hparams(self.writer, s)
@@ -788,6 +1028,29 @@ class Trainer:
         record["activation_kernel"] = kernel
         record["activation_kernel_build"] = net.kernel_build() if kernel == "fused" else ""
 
+    def _restore(self, found):
+        """The recorder of the newest checkpoint that can be read, its state restored; newer ones that cannot be
+        read are reported (a line each) and removed: training from the one before rewrites them exactly. Once
+        training is complete only the tested model is needed (the test restores it; when it is this checkpoint's
+        it must be readable here)."""
+        for mb, folder in sorted(found.items(), reverse=True):
+            try:
+                record = checkpoint_record(folder)
+                if not record["training_completed"]:
+                    self.checkpointer.restore_state(self.sess, folder)
+                else:
+                    self.sess.run(self.init_op)
+                    if early_stopping_mb(record, self.val_schedule)[0] == mb:
+                        self.checkpointer.restore_model(self.sess, folder)
+            except CheckpointUnreadable as err:
+                earlier = "falling back to the checkpoint before it" if mb > min(found) else "it is the oldest"
+                self.out(f"{self.s['spec_name']}/run {self.s['run']}: {err}; {earlier}")
+                continue
+            for newer in (m for m in found if m > mb):
+                remove_folder(found[newer])
+            return record
+        raise no_readable_checkpoint(self.paths, "each one's problem is printed above")
+
     def _train(self):
         s, model, record = self.s, self.model, self.record
         stop = self.stop
@@ -797,7 +1060,7 @@ class Trainer:
         session_start_mb = record["mb_count_total"]
         if stop.signal is not None:  # arrived while starting up: the latest checkpoint is current
             return self._interrupted(session_start_mb, stop.signal)
-        interval_start = time.time()
+        interval_start = time.monotonic()
         for step in range(record["mb_count_total"] + 1, s["n_minibatches"] + 1):
             images, labels = self.data.minibatch(step, s["minibatch_size"], s)
             feed = {inputs.images: images, inputs.labels: labels, inputs.keep_probs: keep_probs,
@@ -817,9 +1080,9 @@ class Trainer:
             record["mb_count_total"] = step
             record["ep_count_total"] = 1 + (step - 1) // self.data.mbs_per_epoch
             if step in self.val_mbs:
-                self.timing["mb"].append((time.time() - interval_start) / max(step - session_start_mb, 1))
+                self.timing["mb"].append((time.monotonic() - interval_start) / max(step - session_start_mb, 1))
                 self._validate(step)
-                session_start_mb, interval_start = step, time.time()
+                session_start_mb, interval_start = step, time.monotonic()
             self._save_weights(step)
             if step in self.ckpt_mbs:
                 record["training_completed"] = step == s["n_minibatches"]
@@ -832,7 +1095,7 @@ class Trainer:
 
     def _validate(self, mb):
         s, record = self.s, self.record
-        began = time.time()
+        began = time.monotonic()
         result = evaluate(self.sess, self.model, self.data.val_images, self.data.val_labels, s)
         record["val_mb_n_hist"].append(mb)
         for key in ("loss", "xentropy", "top1", "top5", "apc"):
@@ -842,7 +1105,7 @@ class Trainer:
         self.writer.add_summary(tf.Summary(value=[
             tf.Summary.Value(tag=f"validation/{key}", simple_value=result[key]) for key in ("loss", "top1", "top5")
         ]), mb)
-        self.timing["val"].append(time.time() - began)
+        self.timing["val"].append(time.monotonic() - began)
         self.status.write(record, "running", "training")
         self.out(self._status_line(mb))
 
@@ -855,7 +1118,7 @@ class Trainer:
         per_val = np.mean(self.timing["val"][-5:])
         left = (n - mb) * (per_mb if np.isfinite(per_mb) else 0) + \
             len([m for m in self.val_mbs if m > mb]) * per_val
-        elapsed = time.time() - self.started
+        elapsed = time.monotonic() - self.started
         walltime = _clock(s["walltime"] * 60 - elapsed) if s["walltime"] else "-"
         rss = psutil.Process().memory_info().rss / 2 ** 30
         train_text = f"{train[-1]:.3f} (mean {np.mean(train):.3f})" if train else "-"
@@ -877,7 +1140,7 @@ class Trainer:
         self.checkpointer.save(self.sess, record, mb, with_model=scheduled)
         keep = checkpoints_to_keep(record, self.val_schedule) if record["settings"]["create_val_set"] \
             else set(record["checkpoints"][-1:])
-        self.checkpointer.prune(keep, keep_state_mb=mb)
+        self.checkpointer.prune(keep)
         save_pickle(self.paths["record"], record)
         self.writer.flush()
         write_run_info(self.s, record, "training" if not record["training_completed"] else "testing")
@@ -896,7 +1159,7 @@ class Trainer:
         n_val = len([m for m in self.val_mbs if mb < m <= min(upcoming)])
         per_val = np.mean(self.timing["val"]) if self.timing["val"] else 0.0
         needed = (min(upcoming) - mb) * per_mb + n_val * per_val + 60
-        return time.time() - self.started + needed > self.s["walltime"] * 60
+        return time.monotonic() - self.started + needed > self.s["walltime"] * 60
 
     def _leave_incomplete(self, mb):
         path = os.path.join(self.paths["run_dir"], f"run_incomplete_mb_{mb}.txt")
@@ -936,8 +1199,12 @@ class Trainer:
     def _test(self):
         s, record, paths = self.s, self.record, self.paths
         best, smoothed = early_stopping_mb(record, self.val_schedule)
-        folder = checkpoint_dirs(paths["models"])[best]
-        self.checkpointer.restore_model(self.sess, folder)
+        folder = checkpoint_dirs(paths["models"]).get(best, os.path.join(paths["models"], f"ckpt_mb_{best}"))
+        try:
+            self.checkpointer.restore_model(self.sess, folder)
+        except CheckpointUnreadable as err:
+            raise RunError(f"{err}: the model that early stopping picked cannot be tested; nothing was deleted. To "
+                           f"train the run again from the start, move {paths['run_dir']} away") from None
         result = evaluate(self.sess, self.model, self.data.test_images, self.data.test_labels, s)
         record.update(early_stopping_mb=best, val_top1_smoothed=smoothed, test_mb_n_hist=[best],
                       test_loss=result["loss"], test_xentropy=result["xentropy"], test_top1=result["top1"],
@@ -977,7 +1244,7 @@ class RunStatus:
     """The run's small status.json, beside the recorder, for `deepnet_supervisor.py --status`."""
 
     def __init__(self, path, s):
-        self.path, self.s, self.started = path, s, time.time()
+        self.path, self.s, self.started = path, s, time.monotonic()
         self.previous = load_json_object(path) or {}
         self.seconds_before = float(self.previous.get("train_seconds") or 0.0)
         self.last_checkpoint_mb = self.previous.get("last_checkpoint_mb")
@@ -990,26 +1257,41 @@ class RunStatus:
             "val_top1": (record.get("val_top1_hist") or [None])[-1], "test_top1": record.get("test_top1"),
             "last_checkpoint_mb": self.last_checkpoint_mb, "diverged_at_mb": record.get("diverged_at_mb"),
             "activation_kernel": record.get("activation_kernel"),
-            "train_seconds": self.seconds_before + time.time() - self.started,
-            "updated": time.time(), "message": message})
+            "train_seconds": self.seconds_before + time.monotonic() - self.started,
+            "updated": time.time(), "message": message, "record_bytes": _file_size(run_paths(self.s)["record"])})
+
+
+def _file_size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
 
 
 def run_test(s, out=print):
-    """-mode test: evaluate the kept model (or the newest checkpoint) of spec/run on the test set."""
+    """-mode test: evaluate the kept model (or the newest checkpoint) of spec/run on the test set, with the
+    run's threads; UserError if the test set is not the one the run started with."""
     paths = run_paths(s)
     found = checkpoint_dirs(paths["models"])
     with_model = {mb: f for mb, f in found.items() if os.path.isfile(os.path.join(f, "model.index"))}
     if not with_model:
         raise UserError(f"{paths['models']}: no saved model for {s['spec_name']} run {s['run']}")
-    record = load_pickle(paths["record"]) if os.path.isfile(paths["record"]) else None
-    mb = record["early_stopping_mb"] if record and record.get("early_stopping_mb") in with_model else max(with_model)
-    test_images, test_labels = load_dataset(data_files(s)[1], N_CLASSES[s["task"]])
+    record = read_record(paths["record"])[0] or newest_readable_record(paths) or {}
+    mb = record["early_stopping_mb"] if record.get("early_stopping_mb") in with_model else max(with_model)
+    test_path = data_files(s)[1]
+    test_images, test_labels = load_dataset(test_path, N_CLASSES[s["task"]])
+    if record:
+        check_same_data(s, record, {"test": dataset_fingerprint(test_path, test_images, test_labels,
+                                                                s["path_relative"])}, out)
     graph = tf.Graph()
     with graph.as_default():
         model = net.build_model(dict(s, n_classes=N_CLASSES[s["task"]]))
         saver = tf.train.Saver(model.model_variables)
-    with tf.Session(graph=graph) as sess:
-        saver.restore(sess, os.path.join(with_model[mb], "model"))
+    with tf.Session(graph=graph, config=session_config(record.get("threads") or current_threads())) as sess:
+        try:
+            restore(saver, sess, with_model[mb], "model")
+        except CheckpointUnreadable as err:
+            raise RunError(str(err)) from None
         result = evaluate(sess, model, test_images, test_labels, s)
     out(test_report(s, mb, result))
     return 0

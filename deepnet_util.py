@@ -13,6 +13,10 @@ class UserError(Exception):
     """Bad input from the user: reported as one line on stderr, exit status 2, no traceback."""
 
 
+class RunError(Exception):
+    """A run cannot go on (a file it needs is unreadable, a write failed): one line on stderr, exit status 1."""
+
+
 def fail(message):
     """Print one error line and exit with status 2."""
     print(f"error: {message}", file=sys.stderr)
@@ -20,18 +24,41 @@ def fail(message):
 
 
 def run_cli(main, argv=None):
-    """Call main(argv) with one-line errors: bad input exits 2, a failed write (e.g. a full disk) 1,
-    Ctrl-C outside the training loop 130."""
+    """Call main(argv) with one-line errors: bad input exits 2; a failed write (e.g. a full disk), an
+    unreadable file or a TensorFlow I/O error 1; Ctrl-C outside the training loop 130."""
     try:
         return main(argv)
     except UserError as err:
         fail(str(err))
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except OSError as err:
-        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        print(f"error: {err.filename or '(unknown file)'}: {err.strerror or err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        if not is_tf_error(err):
+            raise
+        print(f"error: {tf_error_reason(err)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def is_tf_error(err):
+    """Whether err is one of TensorFlow's OpErrors (tested by module, so that nothing imports TensorFlow)."""
+    return type(err).__module__ == "tensorflow.python.framework.errors_impl"
+
+
+def tf_error_reason(err):
+    """The informative line of a TensorFlow error, whose message is a multi-line trace of the graph: the line
+    before its '[[node ...]]' marker (e.g. '<file>; No space left on device'), else its first line."""
+    lines = [line.strip() for line in str(getattr(err, "message", err)).splitlines() if line.strip()]
+    for before, line in zip(lines, lines[1:]):
+        if line.startswith("[["):
+            return before
+    return lines[0] if lines else type(err).__name__
 
 
 def import_tf():
@@ -163,7 +190,7 @@ def atomic_open(path):
     """Yield a binary file handle on a temporary file beside path; it replaces path only if the block completes."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp_{os.path.basename(path)}.", dir=folder)  # named: its owner cleans up
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from a shared group
         with os.fdopen(fd, "wb") as handle:
@@ -171,9 +198,11 @@ def atomic_open(path):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = path  # a failed write() names no file: name the one being written
         raise
 
 

@@ -1,21 +1,31 @@
-"""Fault injection: SIGKILL a small training run at random moments, resume it, compare recorders.
+"""Fault injection: SIGKILL a small training run at random moments, damage its files, change its data or
+its threads, fill its disk; resume it and compare recorders.
 
     python bench/fault_injection.py [--n 10] [--seed 0] [--keep-dir DIR]
 
-Runs a tiny synthetic experiment once without interruption (the reference), then N trials. Each
-trial starts the same command in its own folder, kills it with SIGKILL at a moment picked by the
-trial's plan, and reruns the command until the run completes (a rerun may be killed again). Plans:
+Runs a tiny synthetic experiment once without interruption (the reference), then N kill trials and one
+trial per fault. Every process runs with one thread (as the supervisor gives each of two workers on two
+cores), except where a fault says otherwise.
+
+Kill trials start the same command in their own folder, kill it with SIGKILL at a moment picked by the
+trial's plan, and rerun the command until the run completes (a rerun may be killed again). Plans:
   startup     a random moment before training starts (TF import, graph, restore, mb-0 validation)
   training    a random moment between the first status line and the end of training
   checkpoint  while a checkpoint folder is being written (models/.tmp_ckpt_* exists)
   commit      just after a checkpoint folder appears (pruning, recorder, run info, plots)
   test        a random moment after the last status line (early stopping, test, cleanup)
-A trial is identical when its final recorder equals the reference bit for bit (floats exactly,
-arrays elementwise, every key); clean when models/ holds only the tested checkpoint and no
-temporary file or folder is left anywhere.
-Prints one line per trial and then `identical=<k>/<n>`.
+Fault trials (FAULTS) start from a copy of a run stopped by SIGTERM after minibatch 32 (checkpoints
+0, 23 and the one SIGTERM wrote) or of the complete reference run, damage it, and rerun the command
+until the run completes. Where the damage must stop the run (changed data or split: exit 2, nothing
+written; a full disk or a file where a folder belongs: exit 1), the stop is checked first (one `error:`
+line, no traceback) and the damage then undone, as a user would.
+A trial is identical when its final recorder equals the reference bit for bit (floats exactly, arrays
+elementwise, every key) and every stop was as documented; clean when models/ holds only the tested
+checkpoint and no temporary file or folder is left anywhere.
+Prints one line per trial and then `clean=<k>/<n>` and `identical=<k>/<n>` over all trials.
 """
 import argparse
+import glob
 import os
 import random
 import re
@@ -35,6 +45,9 @@ sys.path.insert(0, ROOT)
 from deepnet_util import load_pickle, save_pickle  # noqa: E402
 
 PLANS = ("checkpoint", "training", "commit", "test", "startup")
+THREADS = {"OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+HAND_ENV = {k: v for k, v in os.environ.items() if k not in THREADS}  # a shell without the thread settings
+RECOVERY_NOTE = re.compile(r"falling back|rebuilt|resuming from")
 SPEC, RUN = "fi", 1
 N_MINIBATCHES = 48
 FLAGS = ["-experiment_name", "faults", "-spec_name", SPEC, "-run", str(RUN), "-network", "smcn",
@@ -64,6 +77,17 @@ def make_run_folder(work, name):
     return folder
 
 
+def copy_run_folder(template, folder, own_data=False):
+    """A copy of a run folder; with own_data its data are a copy too (to be changed)."""
+    shutil.copytree(template, folder, symlinks=True)
+    if own_data:
+        link = os.path.join(folder, "1_data_cifar10")
+        source = os.readlink(link)
+        os.remove(link)
+        shutil.copytree(source, link)
+    return folder
+
+
 def run_dir(folder):
     return os.path.join(folder, "3_output_cifar", "faults", SPEC, f"run_{RUN}")
 
@@ -77,8 +101,8 @@ def record_path(folder):
 class Process:
     """deepnet_main.py in a folder, its stdout lines time-stamped by a reader thread."""
 
-    def __init__(self, folder):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def __init__(self, folder, env=None):
+        env = dict(env or dict(os.environ, **THREADS), PYTHONUNBUFFERED="1")
         self.started = time.time()
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "deepnet_main.py")] + FLAGS,
                                      cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -238,27 +262,228 @@ def differences(a, b, where="record"):
     return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
 
-def trial(work, index, plan, rng, timing, max_attempts=8):
-    """Kill according to plan, then rerun (maybe killing once more at random) until complete."""
-    folder = make_run_folder(work, f"trial_{index:02d}")
+def trial(work, index, plan, rng, timing, max_attempts=8, folder=None, env=None):
+    """Kill according to plan (None: no kill), then rerun (maybe killing once more at random) until complete."""
+    folder = folder or make_run_folder(work, f"trial_{index:02d}")
     events, code = [], None
     for attempt in range(max_attempts):
-        proc = Process(folder)
+        proc = Process(folder, env)
         event = None
-        if attempt == 0:
+        if attempt == 0 and plan is not None:
             event = KILLERS[plan](proc, folder, rng, timing)
-        elif attempt == 1 and rng.random() < 0.3:
+        elif attempt == 1 and plan is not None and rng.random() < 0.3:
             event = "again: " + KILLERS[rng.choice(PLANS)](proc, folder, rng, timing)
         code = proc.wait()
         if event is not None and code == -signal.SIGKILL:
             events.append(f"{event} (killed; last status {proc.last_status()})")
         elif event is not None:
             events.append(event if "ended before" in event else f"{event}: ended before the kill")
+        if plan is None:  # a fault trial: what the run said about it
+            events += [line.split(": ", 1)[1] for _, line in proc.lines if RECOVERY_NOTE.search(line)][:2]
         if code == 0 and os.path.exists(record_path(folder)) and load_pickle(record_path(folder))["test_completed"]:
             break
         if code not in (0, -signal.SIGKILL):
             events.append(f"exit {code}: {proc.lines[-1][1] if proc.lines else ''}")
     return folder, events, attempt + 1, code
+
+
+# ---------------------------------------------------------------- faults beside the kills
+
+STOP_AFTER_MB = 32
+
+
+def stopped_template(work):
+    """A run stopped by SIGTERM after minibatch STOP_AFTER_MB: checkpoints 0, 23 and the one SIGTERM wrote."""
+    folder = make_run_folder(work, "template_stopped")
+    proc = Process(folder)
+    wait_until(lambda: proc.first_line_time(f"| mb {STOP_AFTER_MB}/"), proc)
+    proc.proc.send_signal(signal.SIGTERM)
+    if proc.wait() != 128 + signal.SIGTERM:
+        sys.exit("the stopped template run did not stop on SIGTERM:\n" + "\n".join(l for _, l in proc.lines[-5:]))
+    return folder
+
+
+def newest_checkpoint(folder):
+    return os.path.join(run_dir(folder), "models", max(checkpoints(folder), key=lambda n: int(n.split("_")[-1])))
+
+
+def truncate(path, keep=0.5):
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[:int(len(data) * keep)])
+
+
+def snapshot(folder):
+    """{path: (size, mtime)} of every file and folder under folder (links not followed)."""
+    return {os.path.join(d, name): (os.lstat(os.path.join(d, name)).st_size,
+                                    os.lstat(os.path.join(d, name)).st_mtime_ns)
+            for d, dirs, files in os.walk(folder) for name in dirs + files}
+
+
+def stops_in_one_line(folder, status, watch_nothing_written):
+    """Run the command once; (ok, event): it must exit with status after one `error:` line and no traceback
+    (and, for refusals, write nothing)."""
+    before = snapshot(folder)
+    proc = Process(folder)
+    code = proc.wait()
+    lines = [line for _, line in proc.lines]
+    last = lines[-1] if lines else ""
+    ok = code == status and last.startswith("error: ") and not any("Traceback" in line for line in lines)
+    if watch_nothing_written:
+        ok = ok and len(lines) == 1 and snapshot(folder) == before
+    return ok, f"exit {code}: {last[:160]}"
+
+
+def data_file(folder, which):
+    return os.path.join(folder, "1_data_cifar10", f"{which}_set_ztrans", f"cifar10_{which}set.pkl")
+
+
+def changed(path, change):
+    """Apply change to the pickle at path; returns the undo (put the old bytes back)."""
+    with open(path, "rb") as handle:
+        saved = handle.read()
+    save_pickle(path, change(load_pickle(path)))
+
+    def undo():
+        with open(path, "wb") as handle:
+            handle.write(saved)
+    return undo
+
+
+def refused_until_undone(change_of):
+    """A fault that must be refused (exit 2, nothing written) until it is undone."""
+    def fault(folder, rng, timing, events):
+        undo = change_of(folder)
+        ok, event = stops_in_one_line(folder, 2, True)
+        events.append(f"refused: {event}")
+        undo()
+        return ok
+    return fault
+
+
+def damaged(harm):
+    """A fault the next run recovers from by itself."""
+    def fault(folder, rng, timing, events):
+        harm(folder)
+        return True
+    return fault
+
+
+def summaries_file(folder, rng, timing, events):
+    summaries = os.path.join(os.path.dirname(os.path.dirname(run_dir(folder))), "0_summaries")
+    shutil.rmtree(summaries)
+    open(summaries, "w").close()
+    ok, event = stops_in_one_line(folder, 1, False)
+    events.append(f"stopped: {event}")
+    os.remove(summaries)
+    return ok
+
+
+def other_split(split):
+    train, val = split
+    return np.sort(np.append(train[1:], val[0])), np.sort(np.append(val[1:], train[0]))
+
+
+def split_path(folder):
+    return os.path.join(run_dir(folder), "datasets", "split.pkl")
+
+
+def lost_recorder_and_af_weights(folder, rng, timing, events):
+    """Delete a complete run's recorder and the AF-weights files of its tested minibatch; the rerun must write
+    them again, the same bytes (checked after the reruns)."""
+    tested = load_pickle(record_path(folder))["early_stopping_mb"]
+    files = glob.glob(os.path.join(folder, "3_output_cifar", "faults", "0_af_weights", f"*_mb_{tested}.*"))
+    saved = {}
+    for path in files:
+        with open(path, "rb") as handle:
+            saved[path] = handle.read()
+        os.remove(path)
+    os.remove(record_path(folder))
+    events.append(f"deleted the recorder and {len(files)} AF-weights files")
+
+    def rewritten():
+        return bool(files) and all(os.path.isfile(p) and open(p, "rb").read() == data for p, data in saved.items())
+    return rewritten
+
+
+FAULTS = {  # name: (what it starts from, its own copy of the data, the fault)
+    "newest state.data truncated": ("stopped", False, damaged(
+        lambda f: truncate(glob.glob(os.path.join(newest_checkpoint(f), "state.data-*"))[0]))),
+    "newest state.index deleted": ("stopped", False, damaged(
+        lambda f: os.remove(os.path.join(newest_checkpoint(f), "state.index")))),
+    "newest checkpoint deleted": ("stopped", False, damaged(lambda f: shutil.rmtree(newest_checkpoint(f)))),
+    "newest recorder.pkl truncated": ("stopped", False, damaged(
+        lambda f: truncate(os.path.join(newest_checkpoint(f), "recorder.pkl")))),
+    "split.pkl truncated": ("stopped", False, damaged(lambda f: truncate(split_path(f)))),
+    "split.pkl deleted": ("stopped", False, damaged(lambda f: os.remove(split_path(f)))),
+    "complete run: recorder truncated": ("complete", False, damaged(lambda f: truncate(record_path(f)))),
+    "complete run: recorder and AF weights deleted": ("complete", False, lost_recorder_and_af_weights),
+    "training data changed, same size": ("stopped", True, refused_until_undone(lambda f: changed(
+        data_file(f, "train"), lambda d: dict(d, images=d["images"][::-1].copy())))),
+    "training data smaller": ("stopped", True, refused_until_undone(lambda f: changed(
+        data_file(f, "train"), lambda d: {"images": d["images"][:384], "labels": d["labels"][:384]}))),
+    "test data changed": ("stopped", True, refused_until_undone(lambda f: changed(
+        data_file(f, "test"), lambda d: dict(d, labels=(d["labels"] + 1) % 10)))),
+    "split.pkl of another split": ("stopped", False, refused_until_undone(
+        lambda f: changed(split_path(f), other_split))),
+    "0_summaries is a file": ("stopped", False, summaries_file),
+    "hand resume without the thread settings": ("stopped", False, damaged(lambda f: None)),
+    "disk full at a random moment": ("fresh", False, None),
+}
+
+
+def disk_full_trial(folder, rng, timing, events):
+    """On a small tmpfs: fill it at a random moment of training; the run must stop in one line (exit 1)."""
+    proc = Process(folder)
+    if not wait_until(lambda: proc.first_line_time(f"| mb 0/{N_MINIBATCHES}"), proc):
+        events.append("ended before training")
+        return False
+    time.sleep(rng.uniform(0, timing["training"]))
+    filler = os.path.join(folder, "filler")
+    with open(filler, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+        except OSError:
+            pass
+    code = proc.wait()
+    lines = [line for _, line in proc.lines]
+    last = lines[-1] if lines else ""
+    ok = code == 1 and last.startswith("error: ") and "No space left on device" in last and \
+        not any("Traceback" in line for line in lines)
+    events.append(f"disk full after {proc.last_status()}: exit {code}: {last[:160]}")
+    os.remove(filler)
+    return ok
+
+
+def fault_trial(work, index, name, rng, timing, templates):
+    """(folder, events, processes, exit status, stops as documented) of one fault trial; None when the fault
+    cannot be made here (a tmpfs needs root)."""
+    start, own_data, fault = FAULTS[name]
+    folder = os.path.join(work, f"fault_{index:02d}")
+    events, env = [], (HAND_ENV if name.startswith("hand resume") else None)
+    if start == "fresh":
+        if os.geteuid() != 0:
+            return None
+        os.makedirs(folder)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", folder], check=True)
+        os.symlink(os.path.join(work, "data", "1_data_cifar10"), os.path.join(folder, "1_data_cifar10"))
+        fault = disk_full_trial
+    else:
+        copy_run_folder(templates[start], folder, own_data)
+    try:
+        stops_ok = fault(folder, rng, timing, events)
+        _, more, attempts, code = trial(work, index, None, rng, timing, folder=folder, env=env)
+        stops_ok = stops_ok() if callable(stops_ok) else stops_ok
+        if start == "fresh":  # judge a copy: the tmpfs goes away
+            copy_run_folder(folder, folder + "_result")
+    finally:
+        if start == "fresh":
+            subprocess.run(["umount", folder], check=True)
+            os.rmdir(folder)
+            os.rename(folder + "_result", folder)
+    return folder, events + more, attempts, code, stops_ok
 
 
 def judge(folder, reference):
@@ -305,12 +530,27 @@ def main():
             print(f"trial {i + 1:2d} plan {plan:10s} kills: {'; '.join(events) or '-'} | processes {attempts} "
                   f"| exit {code} | {'identical' if same else 'DIFFERENT'} | {'clean' if tidy else 'NOT CLEAN'}"
                   + ("" if same and tidy else f" | {note}"), flush=True)
-        print(f"clean={clean}/{args.n}")
-        print(f"identical={identical}/{args.n}  ({time.time() - began:.0f} s)")
+        templates = {"stopped": stopped_template(work), "complete": os.path.join(work, "reference")}
+        total = args.n
+        for i, name in enumerate(FAULTS, args.n + 1):
+            result = fault_trial(work, i, name, rng, timing, templates)
+            if result is None:
+                print(f"fault {name}: skipped (mounting a small tmpfs needs root)", flush=True)
+                continue
+            folder, events, attempts, code, stops_ok = result
+            same, tidy, note = judge(folder, reference)
+            same = same and stops_ok
+            identical, clean, total = identical + same, clean + tidy, total + 1
+            print(f"fault {name} | {'; '.join(events) or '-'} | processes {attempts} | exit {code} | "
+                  f"{'identical' if same else 'DIFFERENT'} | {'clean' if tidy else 'NOT CLEAN'}"
+                  + ("" if stops_ok else " | STOP NOT AS DOCUMENTED") + ("" if same and tidy else f" | {note}"),
+                  flush=True)
+        print(f"clean={clean}/{total}")
+        print(f"identical={identical}/{total}  ({time.time() - began:.0f} s)")
     finally:
         if not args.keep_dir:
             shutil.rmtree(work, ignore_errors=True)
-    return 0 if identical == args.n else 1
+    return 0 if identical == total else 1
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ RECORDER_KEYS = {
     "val_preact_stats_hist", "checkpoints", "early_stopping_mb", "val_top1_smoothed", "test_mb_n_hist",
     "test_loss", "test_xentropy", "test_top1", "test_top5", "test_apc", "test_af_weights", "training_completed",
     "test_completed", "diverged", "diverged_at_mb", "activation_kernel", "activation_kernel_build",
-    "activation_kernel_history"}
+    "activation_kernel_history", "data_fingerprint", "threads"}
 
 
 # ---------------------------------------------------------------- helpers
@@ -302,6 +302,11 @@ def test_a_diverged_run_is_tested_from_its_checkpoint_before_the_divergence_and_
     assert f"already complete (test top-1 {record['test_top1']:.4f} at mb 19; diverged at mb {mb})" in \
         capsys.readouterr().out
     assert unlocked() == before
+    # its recorder lost: the newest checkpoint (kept whole) trains to the divergence again and is tested
+    os.remove(os.path.join(run_dir(root), "record_spec_run_1.pkl"))
+    assert train_here(root) == 0
+    assert "record_spec_run_1.pkl" in capsys.readouterr().out
+    assert_same(record_of(root), record)
 
 
 def test_a_run_stopped_between_divergence_and_test_diverges_again_exactly(diverged_run, tmp_path, data_dir,
@@ -358,14 +363,14 @@ def test_failed_writes_never_destroy_the_previous_checkpoint(reference, tmp_path
     save_pickle(os.path.join(partial, "recorder.pkl"), dict(reference, mb_count_total=25))
     open(os.path.join(partial, "state.index"), "wb").close()
     # 3. the disk fills when the run's recorder is rewritten after the last checkpoint (19, then 30); at 30
-    # every validation is done, so every score is final and pruning has kept only the winner and 30
+    # every validation is done, so every score is final and pruning has kept only the winner and the newest two
     monkeypatch.setattr(deepnet_util, "atomic_write_bytes", disk_full_at(f"{os.sep}record_spec_run_1.pkl", 2))
     capsys.readouterr()
     with pytest.raises(OSError):
         train_here(root)
     assert "resuming from minibatch 0" in capsys.readouterr().out
     assert not os.path.exists(partial)
-    assert sorted(intact) == sorted({f"ckpt_mb_{reference['early_stopping_mb']}", "ckpt_mb_30"})
+    assert sorted(intact) == sorted({f"ckpt_mb_{reference['early_stopping_mb']}", "ckpt_mb_19", "ckpt_mb_30"})
     assert folder_digest(os.path.join(models, "ckpt_mb_30")) == intact["ckpt_mb_30"]
     monkeypatch.undo()
     assert train_here(root) == 0
@@ -433,9 +438,10 @@ def test_real_run_prunes_during_training_and_keeps_only_the_tested_model(tmp_pat
     listings = []
     real_prune = task.Checkpointer.prune
 
-    def prune(self, keep_models, keep_state_mb):
-        real_prune(self, keep_models, keep_state_mb)
-        listings.append((keep_state_mb, sorted(os.listdir(models)),
+    def prune(self, keep_models):
+        real_prune(self, keep_models)
+        newest = max(task.checkpoint_dirs(models))
+        listings.append((newest, sorted(os.listdir(models)),
                          sorted(os.path.basename(os.path.dirname(p))
                                 for p in glob.glob(os.path.join(models, "*", "state.index")))))
 
@@ -444,8 +450,8 @@ def test_real_run_prunes_during_training_and_keeps_only_the_tested_model(tmp_pat
     assert train_here(root, ["-spec_name", "prune", "-network", "smcnLin", "-minibatch_size", "64",
                              "-val_set_fraction", "0.1", "-n_minibatches", "20", "-val_every", "4"]) == 0
     assert [mb for mb, _, _ in listings] == [0, 4, 8, 12, 16, 20]
-    for mb, folders, with_state in listings:
-        assert with_state == [f"ckpt_mb_{mb}"]  # only the newest checkpoint keeps the optimizer state
+    for mb, folders, with_state in listings:  # the newest two checkpoints keep the optimizer state
+        assert with_state == sorted(f"ckpt_mb_{m}" for m in {max(mb - 4, 0), mb})
         assert len(folders) <= 4  # the best final one plus those within 12 minibatches
     record = record_of(root, "prune")
     assert record["val_mb_n_hist"] == [0, 4, 8, 12, 16, 20] and record["checkpoints"] == [0, 4, 8, 12, 16, 20]
@@ -457,7 +463,8 @@ def test_real_run_prunes_during_training_and_keeps_only_the_tested_model(tmp_pat
     tested = record["early_stopping_mb"]
     assert tested == naive_winner(val_mbs, curve, record["checkpoints"], window)
     assert scores[tested] >= max(scores.values()) - 1e-12
-    assert listings[5][1] == sorted({f"ckpt_mb_{tested}", "ckpt_mb_20"})  # at 20 every score is final
+    # at 20 every score is final: the winner stays, and the newest two for a resume
+    assert listings[5][1] == sorted({f"ckpt_mb_{tested}", "ckpt_mb_16", "ckpt_mb_20"})
     assert sorted(os.listdir(models)) == [f"ckpt_mb_{tested}"]
 
 
@@ -493,6 +500,9 @@ BAD_FLAGS = [  # (extra argv, text the error must contain)
     (["-epochs_between_checkpoints", "0"], "-epochs_between_checkpoints"),
     (["-run", "-1"], "-run"),
     (["-seed", "-1"], "-seed"),
+    (["-seed", "99999999999999999999"], "-seed"),  # beyond numpy's and TensorFlow's seeds
+    (["-seed", str(2 ** 32)], "-seed"),
+    (["-run", str(2 ** 32)], "-seed"),  # the default seed is the run number
     (["-safe_af_ws_n", "-1"], "-safe_af_ws_n"),
     (["-lr_lin_steps", "0"], "-lr_lin_steps"),
     (["-val_set_fraction", "0"], "-val_set_fraction"),

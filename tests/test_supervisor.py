@@ -484,9 +484,14 @@ def test_lock_race_is_read_from_the_exit_status_and_the_log(tmp_path):
         handle.write(f"started\nerror: {sv.run_dir(settings)}: this run is already running (process 7 on n1)\n")
     assert sv.locked_elsewhere(settings, 2) == "process 7 on n1"        # the lock is free again by now
     assert sv.locked_elsewhere(settings, 1) == ""
-    with open(sv.log_path(settings), "a") as handle:
+    launched_at = os.path.getsize(sv.log_path(settings))
+    with open(sv.log_path(settings), "a") as handle:                    # a later launch, refused otherwise
         handle.write("error: something else\n")
-    assert sv.locked_elsewhere(settings, 2) == ""
+    assert sv.locked_elsewhere(settings, 2, launched_at) == ""
+    with open(sv.log_path(settings), "a") as handle:                    # the winner's output follows the refusal
+        handle.write(f"error: {sv.run_dir(settings)}: this run is already running (process 9 on n2)\n"
+                     "a run 1 | mb 10/60 | ...\na run 1: test of the model of minibatch 60 ...\n")
+    assert sv.locked_elsewhere(settings, 2, launched_at) == "process 9 on n2"
 
 
 def test_dry_runs_leave_out_runs_held_elsewhere(tmp_path, capsys, hold_lock):
@@ -705,7 +710,7 @@ def test_pool_eta_after_the_last_runs_start_together(tmp_path):
     runs = [sv.run_settings(sv.SETTINGS, {}, {"path_relative": str(tmp_path)}, "exp", "a", n) for n in (1, 2, 3, 4)]
     pool = sv.LocalPool(runs[3:], 2)
     pool.durations = [115.0, 115.0]
-    pool.running = {object(): (runs[2], None, time.time())}           # run 3 has just started, run 4 waits
+    pool.running = {object(): (runs[2], None, time.monotonic(), 0)}   # run 3 has just started, run 4 waits
     assert 114 <= pool._eta() <= 115
 
 
