@@ -44,6 +44,10 @@ constexpr int kSums = kWeights + 1;  // the five blend weights and beta
 
 #define DEEPNET_INLINE inline __attribute__((always_inline))
 
+// Packs per loop step: one pack's chain of dependent operations is long, so the loops give the CPU
+// several independent packs to overlap.
+constexpr int kUnroll = 8, kUnrollBackward = 4;
+
 // The target's vector width: wider packs are split into several registers and run far slower (AVX2: ~7x).
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
@@ -55,7 +59,7 @@ constexpr int kLanes = 4;  // SSE2, NEON
 typedef float FloatPack __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IntPack __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-// What one step of the loops below works on: 16 floats, or one double.
+// What one step of the loops below works on: a pack of floats, or one double.
 template <typename T>
 struct Pack;
 template <>
@@ -217,6 +221,10 @@ class ForwardOp : public OpKernel {
   static void Span(const Weights<T> p, const T* x, T* y, int64_t begin, int64_t end) {
     constexpr int64_t kSize = Pack<T>::size;
     int64_t i = begin;
+    for (; i + kUnroll * kSize <= end; i += kUnroll * kSize) {
+#pragma GCC unroll 8
+      for (int k = 0; k < kUnroll; ++k) Step(p, x + i + k * kSize, y + i + k * kSize, kSize);
+    }
     for (; i + kSize <= end; i += kSize) Step(p, x + i, y + i, kSize);
     if (i < end) Step(p, x + i, y + i, end - i);
   }
@@ -274,11 +282,19 @@ class BackwardOp : public OpKernel {
   static void Block(const Weights<T> p, const T* x, const T* dy, T* dx, int64_t begin, int64_t end,
                     double* sums) {
     constexpr int64_t kSize = Pack<T>::size;
-    typename Pack<T>::type acc[kSums] = {};
+    typename Pack<T>::type acc[kUnrollBackward][kSums] = {};  // one set per unrolled pack: shorter chains of adds
     int64_t i = begin;
-    for (; i + kSize <= end; i += kSize) Step(p, x + i, dy + i, dx + i, kSize, acc);
-    if (i < end) Step(p, x + i, dy + i, dx + i, end - i, acc);
-    for (int k = 0; k < kSums; ++k) sums[k] = LaneSum(acc[k]);
+    for (; i + kUnrollBackward * kSize <= end; i += kUnrollBackward * kSize) {
+#pragma GCC unroll 8
+      for (int k = 0; k < kUnrollBackward; ++k)
+        Step(p, x + i + k * kSize, dy + i + k * kSize, dx + i + k * kSize, kSize, acc[k]);
+    }
+    for (; i + kSize <= end; i += kSize) Step(p, x + i, dy + i, dx + i, kSize, acc[0]);
+    if (i < end) Step(p, x + i, dy + i, dx + i, end - i, acc[0]);
+    for (int s = 0; s < kSums; ++s) {
+      sums[s] = 0.0;
+      for (int k = 0; k < kUnrollBackward; ++k) sums[s] += LaneSum(acc[k][s]);
+    }
   }
 
   // dx for count <= the pack's size values, their terms added to acc (missing lanes add 0).
