@@ -149,3 +149,30 @@ def test_the_state_names_each_reason_for_the_plain_composition(tmp_path):
     assert result.stdout.splitlines() == ["plain: DEEPNET_FUSED_ABU=0",
                                           "plain: no fused kernel for tanh (only 5_blend5_swish and 1_relu have one)"]
     assert not os.path.exists(tmp_path / "deepnet_abu")                   # switched off: nothing built
+
+
+THREADS_CHILD = """import hashlib, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import deepnet_network as net
+tf = net.tf
+x = np.random.default_rng(1).normal(size=300007).astype(np.float32) * 3   # many blocks, ragged end
+with tf.Graph().as_default():
+    xs, w = tf.constant(x), tf.constant([0.9, -0.4, 0.6, -0.3, 0.5])
+    y = net.activation(xs, "5_blend5_swish", w, 1.3, fused=True)
+    grads = tf.gradients(tf.reduce_sum(y * tf.sin(xs)), [xs, w])
+    config = tf.ConfigProto(intra_op_parallelism_threads=int(sys.argv[2]), inter_op_parallelism_threads=1)
+    with tf.Session(config=config) as sess:
+        values = sess.run([y, *grads])
+print(hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in values)).hexdigest())
+"""
+
+
+def test_the_fused_kernel_gives_the_same_bits_with_any_number_of_threads(tmp_path):
+    digests = []
+    for threads in (1, 2, 3):
+        result = subprocess.run([sys.executable, "-c", THREADS_CHILD, REPO, str(threads)], capture_output=True,
+                                text=True, timeout=300, cwd=str(tmp_path))
+        assert result.returncode == 0, result.stderr
+        digests.append(result.stdout.strip())
+    assert len(digests[0]) == 64 and digests == [digests[0]] * 3
