@@ -48,6 +48,8 @@ table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; vertical-align: top; }
 th { background: #eef; } td.number { text-align: right; white-space: nowrap; }
 tr.reference td { background: #fff4c2; font-weight: bold; }
+#comparison { display: block; max-width: 100%; overflow-x: auto; font-size: 12px; }
+#comparison th, #comparison td { padding: 3px 5px; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 .note { color: #555; font-size: 13px; } .missing { color: #a00; } code { font-size: 12px; }
 """
