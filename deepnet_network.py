@@ -176,7 +176,6 @@ FUSED_SETS = {NAMED_BLENDS["blend5_swish"]: "5_blend5_swish", ("relu",): "1_relu
 # off. Compilers that do not know that flag (GCC < 12, old clang) never turn it on: the second set.
 # The last is the compiler's default target: slower, and said so.
 BUILD_FLAG_SETS = (("-march=native", "-mno-avx512fp16"), ("-march=native",), ())
-_KERNEL_OPS = ("DeepnetAbuForward", "DeepnetScaledRelu")
 _ACTIVATION_KERNELS = "activation_kernels"  # graph collection: one entry per activated layer
 _abu_state = {}  # "library": the loaded op module or None; "build": the build description; "why": the failure
 
@@ -193,7 +192,8 @@ def kernel_state():
 
 
 def kernel_build():
-    """How the loaded kernel was built ('g++ 12.2.0: -march=native -mno-avx512fp16'), '' if none is."""
+    """How the loaded kernel was built: the compiler's version line and the flag set that worked
+    ('g++ (Debian 12.2.0-14) 12.2.0, -march=native -mno-avx512fp16'); '' if none is loaded."""
     return _abu_state.get("build", "") if _abu_library() is not None else ""
 
 
