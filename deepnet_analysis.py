@@ -86,7 +86,7 @@ from scipy import stats  # noqa: E402
 
 import deepnet_network as net  # noqa: E402
 import deepnet_report  # noqa: E402
-from deepnet_task_cifar import data_change, split_change, write_hparams_config  # noqa: E402
+from deepnet_task_cifar import data_change, settings_as_started, split_change, write_hparams_config  # noqa: E402
 from deepnet_util import UserError, atomic_write_bytes, load_pickle, save_pickle, save_text  # noqa: E402
 
 STAT_NAMES = ("median", "mean", "var", "std", "max", "min")
@@ -145,6 +145,7 @@ def check_run(exp_dir, spec, run):
         return None, "incomplete", f"incomplete: test not done (trained {trained} of {total} minibatches)"
     if tested_mb(record) is None or record.get("test_top1") is None:
         return None, "incomplete", "recorder has no early_stopping_mb or test_top1"
+    record["settings"] = settings_as_started(record.get("settings") or {})
     return record, None, None
 
 

@@ -915,10 +915,23 @@ def _finished(s, paths, state, record, out):
 RESUMABLE_CHANGES = {"walltime", "path_relative", "mode", "reference"}
 
 
+def settings_as_started(settings):
+    """A recorder's settings in today's terms. Runs started before the suite took the original's defaults (their
+    settings have no 'bn_inference') clipped and then normalised for 'posnormed' (now 'clipnormed'), evaluated
+    smcnBN with moving averages and read predefined AF weights from their own experiment."""
+    if not isinstance(settings, dict) or "bn_inference" in settings:
+        return settings
+    mode = settings.get("blend_mode")
+    return dict(settings, bn_inference="moving_averages", load_af_weights_experiment="",
+                blend_mode="clipnormed" if mode == "posnormed" else mode)
+
+
 def check_same_settings(s, record):
-    """UserError if the flags differ from those the run was started with."""
-    before = record["settings"]
-    differ = sorted(k for k in set(s) | set(before) if k not in RESUMABLE_CHANGES and s.get(k) != before.get(k))
+    """UserError if the flags differ from those the run was started with (-bn_inference only matters with batch
+    norm); record['settings'] is put in today's terms (settings_as_started)."""
+    before = record["settings"] = settings_as_started(record["settings"])
+    ignored = RESUMABLE_CHANGES | ({"bn_inference"} if s["network"] not in net.BATCH_NORM_NETWORKS else set())
+    differ = sorted(k for k in set(s) | set(before) if k not in ignored and s.get(k) != before.get(k))
     if differ:
         changes = ", ".join(f"-{k} {before.get(k)} -> {s.get(k)}" for k in differ)
         raise UserError(f"{record['spec_name']}/run {record['run']}: cannot resume with other settings ({changes}); "
@@ -990,6 +1003,7 @@ class Trainer:
         self.record = None
         if found:
             self.record = self._restore(found)
+            self.record["settings"] = settings_as_started(self.record["settings"])
             latest = self.record["mb_count_total"]
             self.record.setdefault("data_fingerprint", self.data_fingerprint)  # runs started before both were
             self.record.setdefault("threads", self.threads)                    # recorded (check_same_data says so)

@@ -753,3 +753,41 @@ def test_supervisor_refuses_bad_flags(tmp_path, argv, names):
                             text=True, timeout=300)
     assert_cli_refusal(result, names)
     assert snapshot(str(tmp_path)) == before
+
+
+# ---------------------------------------------------------------- runs started by the older suite
+
+ABU_P = ["-af_set", "5_blend5_swish", "-blend_trainable", "True", "-swish_beta_trainable", "True"]
+
+
+def as_older_suite_wrote_it(settings):
+    """The settings of an ABU_P run as the suite recorded them before it took the original's defaults: its
+    'posnormed' clipped, then normalised (today's clipnormed), and there was no -bn_inference or
+    -load_af_weights_experiment."""
+    older = {k: v for k, v in settings.items() if k not in ("bn_inference", "load_af_weights_experiment")}
+    return dict(older, blend_mode="posnormed")
+
+
+def test_a_run_of_the_older_suite_resumes_in_its_own_terms(tmp_path, data_dir, monkeypatch):
+    reference_root = new_root(tmp_path, data_dir, "reference")
+    clipnormed = ABU_P + ["-blend_mode", "clipnormed", "-bn_inference", "moving_averages"]
+    assert train_here(reference_root, clipnormed) == 0
+    root = new_root(tmp_path, data_dir, "older")
+    assert train_here(root, clipnormed + ["-walltime", "1e-4"]) == 0               # stops at the checkpoint 19
+    paths = [os.path.join(run_dir(root), "record_spec_run_1.pkl"),
+             *glob.glob(os.path.join(run_dir(root), "models", "ckpt_mb_*", "recorder.pkl"))]
+    for path in paths:
+        record = load_pickle(path)
+        save_pickle(path, dict(record, settings=as_older_suite_wrote_it(record["settings"])))
+    # the command it was started with means something else today: refused, naming the flag to use instead
+    with pytest.raises(UserError, match=r"-blend_mode clipnormed -> posnormed\)"):
+        train_here(root, ABU_P + ["-blend_mode", "posnormed"])
+    assert train_here(root, ABU_P + ["-blend_mode", "clipnormed"]) == 0           # bn_inference: no batch norm here
+    finished = record_of(root)
+    assert finished["settings"]["walltime"] == 1e-4                                 # its first session's
+    assert_same(dict(finished, settings=dict(finished["settings"], walltime=0.0)), record_of(reference_root))
+    # the analysis reads an older recorder in today's terms, so its plots use the blend mode it trained with
+    save_pickle(os.path.join(run_dir(root), "record_spec_run_1.pkl"),
+                dict(finished, settings=as_older_suite_wrote_it(finished["settings"])))
+    record, _, _ = deepnet_analysis.check_run(os.path.join(root, "3_output_cifar", "rel"), "spec", 1)
+    assert record["settings"] == finished["settings"]
