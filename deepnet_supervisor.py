@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 from deepnet_util import RunLock, UserError, load_json_object, load_pickle, run_cli, save_text
 
@@ -461,17 +462,16 @@ def af_weight_source(settings):
 
 def missing_af_weights(runs):
     """(sources needed, sources missing) of the runs' predefined AF weights, each (experiment folder, spec, run):
-    a source counts once its run is complete and has an AF-weights file."""
+    a source counts once its run is complete and has an AF-weights file. TensorFlow is imported only when some
+    run has such a source."""
+    sources = {(experiment_dir(source), source["spec_name"], source["run"]): source
+               for source in filter(None, map(af_weight_source, runs))}
+    if not sources:
+        return set(), set()
     import deepnet_network as net
-    needed, missing = set(), set()
-    for source in filter(None, map(af_weight_source, runs)):
-        key = (experiment_dir(source), source["spec_name"], source["run"])
-        if key in needed:
-            continue
-        needed.add(key)
-        if run_state(source) != "complete" or net.newest_af_weights_file(*key) is None:
-            missing.add(key)
-    return needed, missing
+    missing = {key for key, source in sources.items()
+               if run_state(source) != "complete" or net.newest_af_weights_file(*key) is None}
+    return set(sources), missing
 
 
 def af_weights_problem(runs):
@@ -1002,11 +1002,7 @@ def status_eta(rows, workers):
 
 def kernel_counts(rows):
     """{'fused' or 'plain: <why>': number of runs} over the runs that recorded their activation kernel."""
-    counts = {}
-    for row in rows:
-        if row["kernel"]:
-            counts[row["kernel"]] = counts.get(row["kernel"], 0) + 1
-    return counts
+    return Counter(row["kernel"] for row in rows if row["kernel"])
 
 
 def print_status(runs, workers, out=print):
