@@ -177,13 +177,14 @@ def bad_test_reason(record):
 def validation_history(record):
     """(minibatches, top1, loss) of the run's validations; all empty for a run without a validation set (it
     validated on the test set, for monitoring only: never a val column, never a pick)."""
-    if not (record.get("settings") or {}).get("create_val_set", True):
+    if not has_validation_set(record):
         return [], [], []
     return (record.get("val_mb_n_hist") or [], record.get("val_top1_hist") or [],
             record.get("val_loss_hist") or [])
 
 
 def has_validation_set(record):
+    """Whether the run validated on a validation set (settings create_val_set; recorders without it: yes)."""
     return bool((record.get("settings") or {}).get("create_val_set", True))
 
 
@@ -583,8 +584,7 @@ def plot_spec_performance(spec, curve, n_runs, path):
 def plot_all_runs(spec, runs, records, path):
     fig, (ax,) = new_figure(width=7, height=4.5)
     for run, record in zip(runs, records):
-        ax.plot(*validation_history(record)[:2], lw=0.8,
-                label=f"run {run}")
+        ax.plot(*validation_history(record)[:2], lw=0.8, label=f"run {run}")
     ax.set(xlabel="minibatch", ylabel="validation accuracy", title=f"{spec}: every run")
     ax.grid(alpha=0.3)
     if len(runs) <= 12:

@@ -891,10 +891,12 @@ def _resume_point(s, paths, state, fingerprint, n_images, out):
 def _say_record_rebuilt(s, paths, record, start, out):
     """A line when the run's recorder is missing or unreadable although the run has a checkpoint."""
     problem = read_record(paths["record"])[1] if record is None else ""
-    was_complete = (load_json_object(paths["status"]) or {}).get("state") == "complete"   # e.g. a diverged run
-    if problem and (start["training_completed"] or was_complete or os.path.exists(paths["record"])):
+    if not problem:
+        return
+    tested = start["training_completed"] or (load_json_object(paths["status"]) or {}).get("state") == "complete"
+    if tested or os.path.exists(paths["record"]):  # tested: also a diverged run, tested before it trained to the end
         out(f"{s['spec_name']}/run {s['run']}: {problem}; it is rebuilt from the newest checkpoint"
-            + (", testing the run again" if start["training_completed"] or was_complete else ""))
+            + (", testing the run again" if tested else ""))
 
 
 def _finished(s, paths, state, record, out):
@@ -1033,11 +1035,11 @@ class Trainer:
         earlier sessions of the run (another machine, DEEPNET_FUSED_ABU) is said and kept in the history."""
         record, kernel = self.record, self.model.activation_kernel
         history = record.setdefault("activation_kernel_history", [])
-        if history and history[-1][1] != kernel:
-            self.out(f"{self.s['spec_name']}/run {self.s['run']}: note: activations now run on '{kernel}', "
-                     f"before minibatch {record['mb_count_total']} on '{history[-1][1]}' (equal to ~1e-5, "
-                     "not bit for bit)")
         if not history or history[-1][1] != kernel:
+            if history:
+                self.out(f"{self.s['spec_name']}/run {self.s['run']}: note: activations now run on '{kernel}', "
+                         f"before minibatch {record['mb_count_total']} on '{history[-1][1]}' (equal to ~1e-5, "
+                         "not bit for bit)")
             history.append([record["mb_count_total"], kernel])
         record["activation_kernel"] = kernel
         record["activation_kernel_build"] = net.kernel_build() if kernel == "fused" else ""
