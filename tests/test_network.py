@@ -1190,3 +1190,11 @@ def test_af_weights_file_content_is_the_originals_dict_and_reads_back(tmp_path, 
         for layer in layers:
             np.testing.assert_array_equal(init[layer]["blend_weights"], start[layer]["blend_weights"])
             assert init[layer]["swish_beta"] == np.float32(start[layer]["swish_beta"])
+
+
+def test_the_flag_choices_are_what_the_network_implements():
+    """deepnet_main keeps its choices TensorFlow-free; they must name exactly what deepnet_network builds."""
+    import deepnet_main
+    assert set(deepnet_main.NETWORKS) == set(dn.ARCHITECTURES)
+    assert set(deepnet_main.BLEND_MODES) == set(dn.BLEND_MODES)
+    assert deepnet_main.BN_INFERENCE == dn.BN_INFERENCE
