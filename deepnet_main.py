@@ -11,16 +11,20 @@ import math
 import re
 import sys
 
+from deepnet import architectures, datasets
 from deepnet_util import UserError, run_cli
 
-TASKS = ("cifar10", "cifar100")
-PREPROCESSINGS = ("none", "ztrans", "gcn_zca")
-NETWORKS = ("smcn", "smcnLin", "smcnDeep", "smcnBN")
+# The flags' choices. Importing this module imports neither TensorFlow nor numpy (the supervisor's --status reads
+# the flags): the datasets and networks are named where they are defined, the optimizers, schedules and blend modes
+# here (tests check they are exactly those deepnet_network, deepnet/schedule.py and deepnet/activations.py know).
+TASKS = datasets.TASKS
+PREPROCESSINGS = datasets.VARIANTS
+NETWORKS = tuple(architectures.ARCHITECTURES)
+BN_INFERENCE = architectures.BN_INFERENCE
 MODES = ("training", "test", "analysis")
 OPTIMIZERS = ("Adam", "SGD", "Momentum", "Nesterov")
 LR_SCHEDULES = ("constant", "decay", "linear", "step")
 BLEND_MODES = ("unrestricted", "normalized", "posnormed", "absnormed", "softmaxed", "clipnormed")
-BN_INFERENCE = ("batch_statistics", "moving_averages")
 AF_INITS = ("default", "predefined")
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
 
@@ -101,65 +105,68 @@ def _require(condition, flag, problem):
         raise UserError(f"-{flag}: {problem}")
 
 
-def _choice(s, flag, choices):
-    _require(s[flag] in choices, flag, f"'{s[flag]}' is not one of {', '.join(choices)}")
+def _choice(settings, flag, choices):
+    _require(settings[flag] in choices, flag, f"'{settings[flag]}' is not one of {', '.join(choices)}")
 
 
-def validate(s):
+def check_flags(settings):
     """Check every setting; returns the settings with derived defaults filled in (UserError if bad)."""
     for flag, choices in (("task", TASKS), ("preprocessing", PREPROCESSINGS), ("network", NETWORKS),
                           ("mode", MODES), ("optimizer", OPTIMIZERS), ("lr_schedule_type", LR_SCHEDULES),
                           ("blend_mode", BLEND_MODES), ("af_weights_init", AF_INITS), ("bn_inference", BN_INFERENCE)):
-        _choice(s, flag, choices)
+        _choice(settings, flag, choices)
     for flag in ("experiment_name", "spec_name", "load_af_weights_experiment"):
-        if flag == "load_af_weights_experiment" and not s[flag]:
+        if flag == "load_af_weights_experiment" and not settings[flag]:
             continue  # empty: this run's own experiment
-        _require(re.fullmatch(NAME_PATTERN, s[flag]) and not s[flag].startswith("0_"), flag,
-                 f"'{s[flag]}' must be letters, digits, '_', '.', '+', '-' (not starting with '0_')")
+        _require(re.fullmatch(NAME_PATTERN, settings[flag]) and not settings[flag].startswith("0_"), flag,
+                 f"'{settings[flag]}' must be letters, digits, '_', '.', '+', '-' (not starting with '0_')")
     for flag, low in (("n_minibatches", 1), ("run", 0), ("minibatch_size", 1), ("lr_lin_steps", 1),
                       ("safe_af_ws_n", 0), ("safe_all_ws_n", 0), ("epochs_between_checkpoints", 1),
                       ("val_every", 1)):
-        _require(s[flag] >= low, flag, f"must be at least {low}, got {s[flag]}")
-    _require(s["n_minibatches"] <= 10 ** 8, "n_minibatches", f"{s['n_minibatches']} is beyond any sensible run")
+        _require(settings[flag] >= low, flag, f"must be at least {low}, got {settings[flag]}")
+    _require(settings["n_minibatches"] <= 10 ** 8, "n_minibatches",
+             f"{settings['n_minibatches']} is beyond any sensible run")
     for flag in ("lr", "lr_decay", "lr_lin_min", "wd_lambda", "walltime"):
-        _require(math.isfinite(s[flag]) and s[flag] >= 0, flag, f"must be a finite number >= 0, got {s[flag]}")
-    _require(s["lr"] > 0, "lr", "must be positive")
-    _require(0 < s["val_set_fraction"] < 1, "val_set_fraction", f"must lie in (0, 1), got {s['val_set_fraction']}")
-    _require(len(s["lr_step_ep"]) == len(s["lr_step_multi"]), "lr_step_multi",
-             f"{len(s['lr_step_multi'])} multipliers for {len(s['lr_step_ep'])} -lr_step_ep epochs")
-    _require(all(e >= 0 for e in s["lr_step_ep"]), "lr_step_ep", "epochs must be >= 0")
-    _require(all(math.isfinite(m) and m > 0 for m in s["lr_step_multi"]), "lr_step_multi", "must be positive")
-    if s["seed"] is None:
-        s["seed"] = s["run"]
-    _require(0 <= s["seed"] < 2 ** 32, "seed",
-             f"must lie in 0 .. 2**32 - 1 (default: the -run number), got {s['seed']}")
-    import deepnet_network as net  # after the cheap checks: importing TensorFlow takes seconds
+        _require(math.isfinite(settings[flag]) and settings[flag] >= 0, flag,
+                 f"must be a finite number >= 0, got {settings[flag]}")
+    _require(settings["lr"] > 0, "lr", "must be positive")
+    _require(0 < settings["val_set_fraction"] < 1, "val_set_fraction",
+             f"must lie in (0, 1), got {settings['val_set_fraction']}")
+    _require(len(settings["lr_step_ep"]) == len(settings["lr_step_multi"]), "lr_step_multi",
+             f"{len(settings['lr_step_multi'])} multipliers for {len(settings['lr_step_ep'])} -lr_step_ep epochs")
+    _require(all(e >= 0 for e in settings["lr_step_ep"]), "lr_step_ep", "epochs must be >= 0")
+    _require(all(math.isfinite(m) and m > 0 for m in settings["lr_step_multi"]), "lr_step_multi", "must be positive")
+    if settings["seed"] is None:
+        settings["seed"] = settings["run"]
+    _require(0 <= settings["seed"] < 2 ** 32, "seed",
+             f"must lie in 0 .. 2**32 - 1 (default: the -run number), got {settings['seed']}")
+    from deepnet import activations  # after the cheap checks (it imports numpy)
     try:
-        net.parse_af_set(s["af_set"])
+        activations.parse_af_set(settings["af_set"])
     except ValueError as err:
         raise UserError(f"-af_set: {err}") from None
-    n_dropout = net.n_dropout_layers(s["network"])
+    n_dropout = architectures.n_dropout_layers(settings["network"])
     for flag in ("dropout_keep_probs", "dropout_keep_probs_inference"):
-        probs = s[flag]
+        probs = settings[flag]
         _require(all(0 < p <= 1 for p in probs), flag, f"keep probabilities must lie in (0, 1], got {probs}")
         _require(len(probs) in (1, max(n_dropout, 1)), flag,
-                 f"give one value or one per dropout layer ({n_dropout} in {s['network']}), got {len(probs)}")
-    if s["af_weights_init"] == "predefined":
-        _require(s["load_af_weights_from"], "load_af_weights_from", "needed with -af_weights_init predefined")
-    return s
+                 f"give one value or one per dropout layer ({n_dropout} in {settings['network']}), got {len(probs)}")
+    if settings["af_weights_init"] == "predefined":
+        _require(settings["load_af_weights_from"], "load_af_weights_from", "needed with -af_weights_init predefined")
+    return settings
 
 
 def main(argv=None):
-    s = validate(vars(parser().parse_args(argv)))
-    if s["mode"] == "analysis":
+    settings = check_flags(vars(parser().parse_args(argv)))
+    if settings["mode"] == "analysis":
         import deepnet_analysis
-        from deepnet_task_cifar import experiment_dir
-        deepnet_analysis.analyse_experiment(experiment_dir(s), reference=s["reference"])
+        from deepnet.run_folder import experiment_dir
+        deepnet_analysis.analyse_experiment(experiment_dir(settings), reference=settings["reference"])
         return 0
     import deepnet_task_cifar as task
-    if s["mode"] == "test":
-        return task.run_test(s)
-    return task.run_training(s)
+    if settings["mode"] == "test":
+        return task.run_test(settings)
+    return task.run_training(settings)
 
 
 if __name__ == "__main__":

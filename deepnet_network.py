@@ -1,119 +1,26 @@
-"""Graph-mode (TF1) conv nets whose activation functions can be trained.
+"""Graph-mode (TF1) conv nets whose activation functions can be trained, and the fused CPU kernel that runs them.
 
-An activation set (``-af_set``) names the base functions an activated layer blends:
+The networks are built from the layer lists of deepnet/architectures.py with the activation functions of
+deepnet/activations.py. Each activated layer owns ``blend_weights_raw`` (shape [n]) and, when a blend contains
+jswish, ``swish_beta`` (shape [1]); the blend mode maps the raw weights to the effective weights that multiply the
+functions. Layers and variables carry the original suite's names: '<network>/<layer>/<variable>:0' with layers
+conv1.., dense<k>.., denseout numbered through the net (smcn: conv1-conv4, dense5, dense6, denseout).
 
-    <n>_<function>              one function, e.g. 1_relu (with -blend_trainable: adaptive scaling)
-    <n>_<f1>+<f2>+...+<fn>      a blend of any base functions, e.g. 3_relu+tanh+jswish
-    5_blend5_swish              the paper's ABU: relu, jelu, tanh, jswish, linu, in that order
-
-The leading count must equal the number of functions. Each activated layer owns ``blend_weights_raw``
-(shape [n]) and, when a blend contains jswish, ``swish_beta`` (shape [1]); the blend mode maps the raw
-weights to the effective weights that multiply the functions. Layers and variables carry the original
-suite's names: '<network>/<layer>/<variable>:0' with layers conv1.., dense<k>.., denseout numbered
-through the net (smcn: conv1-conv4, dense5, dense6, denseout).
+    python deepnet_network.py [--rebuild-kernel]     # the fused activation kernel's state on this machine
 """
 import fcntl
-import glob
 import hashlib
 import os
-import re
 import subprocess
 import sys
 from collections import namedtuple
 
 import numpy as np
 
-from deepnet_util import UserError, import_tf, load_pickle
+from deepnet import activations as af, architectures as arch
+from deepnet_util import import_tf
 
 tf = import_tf()
-
-SELU_ALPHA = 1.6732632423543772848170429916717
-SELU_SCALE = 1.0507009873554804934193349852946
-
-
-def _np_sigmoid(z):
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
-
-
-def _np_elu(x):
-    return np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
-
-
-BaseFunction = namedtuple("BaseFunction", "label graph numpy uses_beta")
-
-# One registry serves the graph, the numpy reference and the plots.
-BASE_FUNCTIONS = {
-    "relu": BaseFunction("ReLU", lambda x, b: tf.nn.relu(x), lambda x, b: np.maximum(x, 0), False),
-    "jelu": BaseFunction("ELU", lambda x, b: tf.nn.elu(x), lambda x, b: _np_elu(x), False),
-    "tanh": BaseFunction("tanh", lambda x, b: tf.tanh(x), lambda x, b: np.tanh(x), False),
-    "jswish": BaseFunction("Swish", lambda x, b: x * tf.sigmoid(b * x),
-                           lambda x, b: x * _np_sigmoid(b * x), True),
-    "linu": BaseFunction("identity", lambda x, b: tf.identity(x), lambda x, b: np.array(x, copy=True),
-                         False),
-    "selu": BaseFunction("SELU", lambda x, b: tf.nn.selu(x),
-                         lambda x, b: SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(np.minimum(x, 0))),
-                         False),
-}
-
-NAMED_BLENDS = {"blend5_swish": ("relu", "jelu", "tanh", "jswish", "linu")}
-
-POSNORM_MIN, POSNORM_MAX = 1e-4, 1e3
-
-# 'posnormed' is the original's: it computed the clipped weights, then overwrote them with the 'normalized'
-# ones, so it IS 'normalized' (every ABU_P number of the paper is an ABU_N number). 'clipnormed' is what
-# posnormed was meant to be: clip to [POSNORM_MIN, POSNORM_MAX], then normalise.
-BLEND_MODES = {
-    "unrestricted": (lambda w: w, lambda w: w),
-    "normalized": (lambda w: w / tf.reduce_sum(w), lambda w: w / np.sum(w)),
-    "posnormed": (lambda w: w / tf.reduce_sum(w), lambda w: w / np.sum(w)),
-    "absnormed": (lambda w: w / tf.reduce_sum(tf.abs(w)), lambda w: w / np.sum(np.abs(w))),
-    "softmaxed": (lambda w: tf.nn.softmax(w), lambda w: np.exp(w - np.max(w)) / np.sum(np.exp(w - np.max(w)))),
-    "clipnormed": (lambda w: _clipnorm(w, tf.clip_by_value, tf.reduce_sum),
-                   lambda w: _clipnorm(w, np.clip, np.sum)),
-}
-
-
-def _clipnorm(w, clip, total):
-    clipped = clip(w, POSNORM_MIN, POSNORM_MAX)
-    return clipped / total(clipped)
-
-
-def parse_af_set(af_set):
-    """'5_blend5_swish' -> ('relu', 'jelu', 'tanh', 'jswish', 'linu'); ValueError if malformed."""
-    match = re.fullmatch(r"(\d+)_(.+)", str(af_set))
-    if not match:
-        raise ValueError(f"activation set '{af_set}' is not of the form <count>_<functions>, "
-                         "e.g. 1_relu, 5_blend5_swish or 3_relu+tanh+jswish")
-    count, body = int(match.group(1)), match.group(2)
-    names = NAMED_BLENDS.get(body) or tuple(body.split("+"))
-    unknown = [repr(name) for name in names if name not in BASE_FUNCTIONS]
-    if unknown:
-        raise ValueError(f"activation set '{af_set}': unknown function(s) {', '.join(unknown)} "
-                         f"(known: {', '.join(BASE_FUNCTIONS)}; blends: {', '.join(NAMED_BLENDS)})")
-    if count != len(names):
-        raise ValueError(f"activation set '{af_set}': the count {count} does not match its "
-                         f"{len(names)} function(s)")
-    return names
-
-
-def uses_swish_beta(af_set):
-    return any(BASE_FUNCTIONS[name].uses_beta for name in parse_af_set(af_set))
-
-
-def _check_blend_mode(blend_mode):
-    if blend_mode not in BLEND_MODES:
-        raise ValueError(f"unknown blend mode '{blend_mode}' (known: {', '.join(BLEND_MODES)})")
-
-
-def effective_weights(blend_weights_raw, blend_mode):
-    """TF: the weights that multiply the functions, after the blend mode."""
-    _check_blend_mode(blend_mode)
-    return BLEND_MODES[blend_mode][0](blend_weights_raw)
-
-
-def effective_weights_numpy(blend_weights_raw, blend_mode):
-    _check_blend_mode(blend_mode)
-    return BLEND_MODES[blend_mode][1](np.asarray(blend_weights_raw, dtype=np.float64))
 
 
 def activation(preact, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="unrestricted",
@@ -126,11 +33,11 @@ def activation(preact, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="un
     False (None: the module flag FUSED_ABU; True: the kernel is required). The implementation used,
     'fused' or 'plain: <why>', is recorded in the graph (see activation_kernel()).
     """
-    names = parse_af_set(af_set)
+    names = af.parse_af_set(af_set)
     raw = tf.convert_to_tensor(blend_weights_raw, dtype=preact.dtype)
     if not raw.shape.is_compatible_with([len(names)]):
         raise ValueError(f"activation set '{af_set}' needs {len(names)} blend weights, got shape {raw.shape}")
-    weights = effective_weights(raw, blend_mode)
+    weights = af.effective_weights(raw, blend_mode)
     beta = tf.convert_to_tensor(swish_beta, dtype=preact.dtype)
     if component_transform is None:
         kernel, state = _fused_kernel(names, preact, beta, fused)
@@ -139,23 +46,13 @@ def activation(preact, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="un
     tf.add_to_collection(_ACTIVATION_KERNELS, state)
     if kernel is not None:
         return kernel(preact, weights, beta)
-    components = [BASE_FUNCTIONS[name].graph(preact, beta) for name in names]
+    components = [af.BASE_FUNCTIONS[name].graph(preact, beta) for name in names]
     if component_transform is not None:
         components = [component_transform(c, i) for i, c in enumerate(components)]
     out = weights[0] * components[0]
     for i in range(1, len(components)):
         out = out + weights[i] * components[i]
     return out
-
-
-def activation_numpy(x, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="unrestricted"):
-    """The same as activation(), in numpy (float64)."""
-    names = parse_af_set(af_set)
-    weights = effective_weights_numpy(blend_weights_raw, blend_mode)
-    if weights.shape != (len(names),):
-        raise ValueError(f"activation set '{af_set}' needs {len(names)} blend weights, got {weights.shape}")
-    x = np.asarray(x, dtype=np.float64)
-    return sum(w * BASE_FUNCTIONS[name].numpy(x, float(swish_beta)) for w, name in zip(weights, names))
 
 
 # ---------------------------------------------------------------- fused activation kernels
@@ -169,7 +66,7 @@ def activation_numpy(x, af_set, blend_weights_raw, swish_beta=1.0, blend_mode="u
 
 FUSED_ABU = os.environ.get("DEEPNET_FUSED_ABU", "1") != "0"  # False: the plain composition everywhere
 _ABU_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepnet_abu_op.cc")
-FUSED_SETS = {NAMED_BLENDS["blend5_swish"]: "5_blend5_swish", ("relu",): "1_relu"}
+FUSED_SETS = {af.NAMED_BLENDS["blend5_swish"]: "5_blend5_swish", ("relu",): "1_relu"}
 # Target flags, tried in order; the first set that compiles is used, every failure is kept for the
 # message. GCC >= 12 turns AVX512-FP16 on for -march=native on Sapphire Rapids and later Xeons, and
 # TensorFlow's bundled Eigen then fails to compile (PacketMathFP16.h), so the first set switches it
@@ -207,7 +104,7 @@ def _fused_kernel(names, preact, beta, fused):
     """(the fused kernel for this activation or None, 'fused' or 'plain: <why>'); fused=True: required."""
     if fused is False:
         return None, "plain: asked for by the caller"
-    kernel = {NAMED_BLENDS["blend5_swish"]: _fused_abu, ("relu",): _fused_scaled_relu}.get(tuple(names))
+    kernel = {af.NAMED_BLENDS["blend5_swish"]: _fused_abu, ("relu",): _fused_scaled_relu}.get(tuple(names))
     why = None
     if kernel is None:
         why = f"plain: no fused kernel for {'+'.join(names)} (only {' and '.join(FUSED_SETS.values())} have one)"
@@ -397,53 +294,6 @@ def rebuild_kernel():
     return kernel_state()
 
 
-# ---------------------------------------------------------------- architectures, as data
-
-# ('conv', kernel, channels) | ('dropout',) | ('maxpool', size, stride) | ('avgpool', size, stride)
-# | ('dense', units) | ('logits',).  Every conv and dense layer is activated; logits are not.
-_SMCN_HEAD = [("conv", 5, 64), ("dropout",), ("conv", 3, 64), ("maxpool", 3, 2)]
-_SMCN_BLOCK = [("conv", 1, 64), ("dropout",), ("conv", 5, 64)]
-_SMCN_TAIL = [("maxpool", 3, 2), ("dense", 384), ("dropout",), ("dense", 192), ("logits",)]
-
-ARCHITECTURES = {
-    "smcn": _SMCN_HEAD + _SMCN_BLOCK + _SMCN_TAIL,
-    "smcnLin": [layer if layer[0] != "maxpool" else ("avgpool", 2, 2)
-                for layer in _SMCN_HEAD + _SMCN_BLOCK + _SMCN_TAIL if layer[0] != "dropout"],
-    "smcnDeep": _SMCN_HEAD + 3 * _SMCN_BLOCK + _SMCN_TAIL,
-    "smcnBN": [layer for layer in _SMCN_HEAD + _SMCN_BLOCK + _SMCN_TAIL if layer[0] != "dropout"],
-}
-BATCH_NORM_NETWORKS = {"smcnBN"}
-BN_DECAY, BN_EPSILON = 0.99, 1e-3
-# What batch norm normalises with at inference: the batch's own statistics, as the original (its layers ran with
-# training=True throughout; evaluation then goes in batches of -minibatch_size), or the moving averages.
-BN_INFERENCE = ("batch_statistics", "moving_averages")
-
-
-def bn_inference(settings):
-    """settings['bn_inference'], by default the original's batch statistics."""
-    return settings.get("bn_inference", BN_INFERENCE[0])
-
-
-def uses_batch_statistics(settings):
-    """Whether inference depends on the batch: batch norm with batch statistics (evaluate in minibatches)."""
-    return settings["network"] in BATCH_NORM_NETWORKS and bn_inference(settings) == "batch_statistics"
-
-
-def layer_names(network):
-    """Names of the weighted layers in order, as the original names them: conv1.., dense<k>.., denseout,
-    numbered through the whole net (smcn: conv1-conv4, dense5, dense6, denseout)."""
-    weighted = [layer[0] for layer in ARCHITECTURES[network] if layer[0] in ("conv", "dense", "logits")]
-    return [f"{kind}{i}" if kind != "logits" else "denseout" for i, kind in enumerate(weighted, 1)]
-
-
-def activated_layers(network):
-    return [name for name in layer_names(network) if name != "denseout"]
-
-
-def n_dropout_layers(network):
-    return sum(layer[0] == "dropout" for layer in ARCHITECTURES[network])
-
-
 # ---------------------------------------------------------------- graph pieces
 
 Inputs = namedtuple("Inputs", "images labels keep_probs training step lr")
@@ -479,7 +329,10 @@ def _dropout(x, keep_probs, index, step, seed):
     return tf.cond(keep < 1.0, dropped, lambda: x)
 
 
-def _batch_norm(x, training, name, inference=BN_INFERENCE[0]):
+BN_DECAY, BN_EPSILON = 0.99, 1e-3
+
+
+def _batch_norm(x, training, name, inference=arch.BN_INFERENCE[0]):
     """Batch statistics in training; at inference those of the batch too, or the moving averages
     (inference='moving_averages'). The moving averages are kept up to date either way (UPDATE_OPS)."""
     with tf.variable_scope(name):
@@ -499,7 +352,7 @@ def _batch_norm(x, training, name, inference=BN_INFERENCE[0]):
             mean, var = tf.cond(training, lambda: (mean, var),
                                 lambda: (tf.identity(moving_mean), tf.identity(moving_var)))
         elif inference != "batch_statistics":
-            raise ValueError(f"unknown batch-norm inference '{inference}' (known: {', '.join(BN_INFERENCE)})")
+            raise ValueError(f"unknown batch-norm inference '{inference}' (known: {', '.join(arch.BN_INFERENCE)})")
         return tf.nn.batch_normalization(x, mean, var, beta, gamma, BN_EPSILON)
 
 
@@ -543,24 +396,24 @@ ActivationVars = namedtuple("ActivationVars", "raw effective beta")
 
 def _activation_layer(preact, settings, af_init, training, use_bn):
     """Create this layer's blend weights (and beta) and apply the blended activation."""
-    names = parse_af_set(settings["af_set"])
+    names = af.parse_af_set(settings["af_set"])
     _activation_summaries(preact, "preact")
     raw = tf.get_variable("blend_weights_raw", initializer=tf.constant(af_init["blend_weights"], tf.float32),
                           trainable=settings["blend_trainable"])
     _summarise_variable(raw, "blend_weights")
     beta = None
-    if any(BASE_FUNCTIONS[n].uses_beta for n in names):
+    if any(af.BASE_FUNCTIONS[n].uses_beta for n in names):
         beta = tf.get_variable("swish_beta", initializer=tf.constant([af_init["swish_beta"]], tf.float32),
                                trainable=settings["swish_beta_trainable"])
         _summarise_variable(beta, "swish_beta")
     transform = None
     if use_bn and len(names) > 1:
-        inference = bn_inference(settings)
+        inference = arch.bn_inference(settings)
         transform = lambda c, i: _batch_norm(c, training, f"bn_component{i + 1}", inference)  # noqa: E731
     out = activation(preact, settings["af_set"], raw, 1.0 if beta is None else beta[0],
                      settings["blend_mode"], component_transform=transform)
     _activation_summaries(out, "activation")
-    return out, ActivationVars(raw, effective_weights(raw, settings["blend_mode"]), beta)
+    return out, ActivationVars(raw, af.effective_weights(raw, settings["blend_mode"]), beta)
 
 
 def _weighted_layer(x, kind, width, seed, first):
@@ -592,15 +445,15 @@ def inference(inputs, settings, af_init=None):
     values). af_init: layer name -> {'blend_weights': array, 'swish_beta': float}; default 1/n and beta 1.
     """
     network = settings["network"]
-    if network not in ARCHITECTURES:
-        raise ValueError(f"unknown network '{network}' (known: {', '.join(ARCHITECTURES)})")
-    af_init = af_init or default_af_init(network, settings["af_set"])
-    use_bn = network in BATCH_NORM_NETWORKS
-    names = layer_names(network)
+    if network not in arch.ARCHITECTURES:
+        raise ValueError(f"unknown network '{network}' (known: {', '.join(arch.ARCHITECTURES)})")
+    af_init = af_init or af.default_af_init(network, settings["af_set"])
+    use_bn = network in arch.BATCH_NORM_NETWORKS
+    names = arch.layer_names(network)
     x, dropout_index, weighted = inputs.images, 0, 0
     preacts, activations, af_vars = {}, {}, {}
     with tf.variable_scope(network, use_resource=True):
-        for layer in ARCHITECTURES[network]:
+        for layer in arch.ARCHITECTURES[network]:
             kind = layer[0]
             if kind == "dropout":
                 x = _dropout(x, inputs.keep_probs, dropout_index, inputs.step, settings["seed"])
@@ -618,7 +471,7 @@ def inference(inputs, settings, af_init=None):
                 if kind == "logits":
                     break
                 if use_bn:
-                    x = _batch_norm(x, inputs.training, "bn", bn_inference(settings))
+                    x = _batch_norm(x, inputs.training, "bn", arch.bn_inference(settings))
                 preacts[name] = x
                 x, af_vars[name] = _activation_layer(x, settings, af_init[name], inputs.training, use_bn)
                 activations[name] = x
@@ -682,70 +535,7 @@ def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
                  activation_kernel(tf.get_default_graph()))
 
 
-# ---------------------------------------------------------------- AF weights: initialisation and files
-
-AF_VARIABLE = re.compile(r".+/(blend_weights_raw|swish_beta):0")
-
-
-def default_af_init(network, af_set):
-    n = len(parse_af_set(af_set))
-    return {name: {"blend_weights": np.full(n, 1.0 / n, np.float32), "swish_beta": 1.0}
-            for name in activated_layers(network)}
-
-
-def af_weights_path(exp_dir, spec, run, mb, ext="pkl"):
-    return os.path.join(exp_dir, "0_af_weights", f"af_weights_{spec}_run_{run}_mb_{mb}.{ext}")
-
-
-def newest_af_weights_file(exp_dir, spec, run):
-    """The AF-weights file of spec/run with the highest minibatch number, or None."""
-    pattern = af_weights_path(exp_dir, glob.escape(spec), run, "*")
-    found = []
-    for path in glob.glob(pattern):
-        match = re.search(r"_mb_(\d+)\.pkl$", path)
-        if match and os.path.basename(path) == f"af_weights_{spec}_run_{run}_mb_{match.group(1)}.pkl":
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
-
-
-def af_weights_file_content(sess, graph):
-    """The original's AF-weights dict: TF variable name -> list of floats, trainable AF variables only."""
-    variables = [v for v in graph.get_collection(tf.GraphKeys.TRAINABLE_VARIABLES) if AF_VARIABLE.fullmatch(v.name)]
-    return {v.name: [float(x) for x in np.ravel(value)] for v, value in zip(variables, sess.run(variables))}
-
-
-def predefined_af_init(exp_dir, spec, run, network, af_set, normalize=False):
-    """Initial AF weights from the newest AF-weights file of spec/run, written by this suite or the
-    original (both: '<network>/<layer>/blend_weights_raw:0' -> list; the original's older
-    '.../blend_weights:0' too). UserError if absent or unfit."""
-    path = newest_af_weights_file(exp_dir, spec, run)
-    if path is None:
-        raise UserError(f"-load_af_weights_from {spec}: no AF-weights file for run {run} in "
-                        f"{os.path.join(exp_dir, '0_af_weights')}")
-    saved = load_pickle(path)
-    if not isinstance(saved, dict):
-        raise UserError(f"{path}: not an AF-weights dict")
-    n, needs_beta = len(parse_af_set(af_set)), uses_swish_beta(af_set)
-    init = {}
-    for layer in activated_layers(network):
-        scope = f"{network}/{layer}"
-        weights = saved.get(f"{scope}/blend_weights_raw:0", saved.get(f"{scope}/blend_weights:0"))
-        if weights is None or np.shape(weights) != (n,):
-            raise UserError(f"{path}: has no {n} blend weights for {scope} (activation set {af_set})")
-        weights = np.asarray(weights, np.float32)
-        if normalize:
-            if np.sum(weights) == 0:
-                raise UserError(f"{path}: -norm_blendw_at_init: the blend weights of {layer} sum to 0")
-            weights = weights / np.sum(weights)
-        beta = 1.0
-        if needs_beta:
-            value = saved.get(f"{scope}/swish_beta:0")
-            if value is None or np.size(value) != 1:
-                raise UserError(f"{path}: has no swish_beta for {scope} (saved only when it was trainable)")
-            beta = float(np.ravel(value)[0])
-        init[layer] = {"blend_weights": weights, "swish_beta": beta}
-    return init
-
+# ---------------------------------------------------------------- AF weights of a session
 
 def read_af_weights(sess, endpoints):
     """Current AF weights: layer -> {'blend_weights_raw', 'blend_weights', 'swish_beta' (or None)}."""

@@ -84,12 +84,10 @@ import zlib
 import numpy as np
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
+from deepnet.datasets import N_CLASSES, TASKS, VARIANTS, output_paths, params_path, sidecar_path, task_dir
 from deepnet_util import (UserError, atomic_open, atomic_write_bytes, load_pickle, progress, run_cli, save_json,
                           save_pickle_streamed)
 
-TASKS = ("cifar10", "cifar100")
-VARIANTS = ("none", "ztrans", "gcn_zca")
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
 RAW_FILES = {  # (training batch files, test batch files), in the order their images are concatenated
     "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
@@ -115,10 +113,6 @@ CHUNK_IMAGES = 5000  # images per chunk in the array functions: bounds the float
 
 # ---------------------------------------------------------------- paths
 
-def task_dir(root, task):
-    return os.path.join(root, f"1_data_{task}")
-
-
 def raw_dirs(root, task):
     """Default raw locations: (train_batches folder, test_batches folder)."""
     return os.path.join(task_dir(root, task), "train_batches"), os.path.join(task_dir(root, task), "test_batches")
@@ -129,21 +123,6 @@ def raw_paths(root, task):
     train_dir, test_dir = raw_dirs(root, task)
     train_names, test_names = RAW_FILES[task]
     return [os.path.join(train_dir, n) for n in train_names], [os.path.join(test_dir, n) for n in test_names]
-
-
-def output_paths(root, task, variant):
-    """(training pickle, test pickle) of one variant."""
-    suffix = "" if variant == "none" else f"_{variant}"
-    return (os.path.join(task_dir(root, task), f"train_set{suffix}", f"{task}_trainset.pkl"),
-            os.path.join(task_dir(root, task), f"test_set{suffix}", f"{task}_testset.pkl"))
-
-
-def params_path(root, task):
-    return os.path.join(os.path.dirname(output_paths(root, task, "gcn_zca")[0]), f"{task}_gcn_zca_params.npz")
-
-
-def sidecar_path(pickle_path):
-    return os.path.splitext(pickle_path)[0] + ".json"
 
 
 def raw_present(root, task):
@@ -176,7 +155,7 @@ def _batch_images(data, path):
 
 def _batch_labels(labels, count, path, task):
     """Validate a raw label list against the image count and class range; return int64 labels."""
-    key, classes = LABEL_KEY[task], NUM_CLASSES[task]
+    key, classes = LABEL_KEY[task], N_CLASSES[task]
     try:
         labels = np.asarray(labels)
     except (ValueError, TypeError):
@@ -436,7 +415,7 @@ def _save_split(path, images, labels):
 def _sidecar(task, variant, split, count, md5s, batch_labels, parameters):
     return {"task": task, "variant": variant, "split": split, "images_shape": [count, *IMAGE_SHAPE],
             "images_dtype": "float32", "labels_shape": [count], "labels_dtype": "int64",
-            "num_classes": NUM_CLASSES[task], "source_md5": md5s, "raw_batch_labels": batch_labels,
+            "num_classes": N_CLASSES[task], "source_md5": md5s, "raw_batch_labels": batch_labels,
             "parameters": parameters, "written_by": os.path.basename(__file__)}
 
 
@@ -569,7 +548,7 @@ def write_synthetic_raw(root, task="cifar10", n_train=5000, n_test=1000, seed=0)
     if n_train < 1 or n_test < 1:
         raise UserError(f"synthetic data needs at least 1 training and 1 test image (got {n_train}, {n_test})")
     rng = np.random.default_rng(seed)
-    classes = NUM_CLASSES[task]
+    classes = N_CLASSES[task]
     templates = rng.uniform(-1, 1, (classes, 4, 4, 3)).repeat(8, axis=1).repeat(8, axis=2).astype(np.float32)
     written = []
     for split, count, paths in (("training", n_train, raw_paths(root, task)[0]),

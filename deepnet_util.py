@@ -1,12 +1,19 @@
-"""Small shared pieces: quiet TensorFlow import, user errors, the run lock, safe pickles, atomic writes."""
+"""Small shared pieces: exit statuses and one-line errors, quiet TensorFlow import, the run lock, safe pickles,
+atomic writes, a clock and a progress bar."""
 import contextlib
 import fcntl
+import functools
 import io
 import json
 import os
 import pickle
 import sys
 import tempfile
+
+# The exit statuses of the suite's scripts, one meaning each (a run stopped by a signal: 128 + its number).
+EXIT_FAILED = 1             # a run cannot go on: a file it needs is unreadable, a write failed
+EXIT_BAD_INPUT = 2          # bad input: nothing was written
+EXIT_RUNNING_ELSEWHERE = 75  # the run is trained by another live process (its lock is held); sysexits' EX_TEMPFAIL
 
 
 class UserError(Exception):
@@ -17,33 +24,36 @@ class RunError(Exception):
     """A run cannot go on (a file it needs is unreadable, a write failed): one line on stderr, exit status 1."""
 
 
-def fail(message):
-    """Print one error line and exit with status 2."""
+class RunningElsewhere(Exception):
+    """The run's lock is held by another live process: one line on stderr, exit status 75."""
+
+
+def fail(message, status=EXIT_BAD_INPUT):
+    """Print one error line and exit with status (default 2, bad input)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def run_cli(main, argv=None):
-    """Call main(argv) with one-line errors: bad input exits 2; a failed write (e.g. a full disk), an
-    unreadable file or a TensorFlow I/O error 1; Ctrl-C outside the training loop 130."""
+    """Call main(argv) with one-line errors: bad input exits 2; a run another process is training 75; a failed write
+    (e.g. a full disk), an unreadable file or a TensorFlow I/O error 1; Ctrl-C outside the training loop 130."""
     try:
         return main(argv)
     except UserError as err:
         fail(str(err))
+    except RunningElsewhere as err:
+        fail(str(err), EXIT_RUNNING_ELSEWHERE)
     except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(err), EXIT_FAILED)
     except OSError as err:
-        print(f"error: {err.filename or '(unknown file)'}: {err.strerror or err}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"{err.filename or '(unknown file)'}: {err.strerror or err}", EXIT_FAILED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
         if not is_tf_error(err):
             raise
-        print(f"error: {tf_error_reason(err)}", file=sys.stderr)
-        sys.exit(1)
+        fail(tf_error_reason(err), EXIT_FAILED)
 
 
 def is_tf_error(err):
@@ -61,6 +71,7 @@ def tf_error_reason(err):
     return lines[0] if lines else type(err).__name__
 
 
+@functools.lru_cache(maxsize=None)
 def import_tf():
     """Import the TF1 graph-mode API with TensorFlow's log spam switched off.
 
@@ -122,7 +133,7 @@ class RunLock:
             self.handle.seek(0)
             other = self.handle.read().strip() or "another process"
             self.handle.close()
-            raise UserError(f"{os.path.dirname(self.path)}: this run is already running ({other})") from None
+            raise RunningElsewhere(f"{os.path.dirname(self.path)}: this run is already running ({other})") from None
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
@@ -249,6 +260,12 @@ def _json_default(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def clock(seconds):
+    """Seconds as H:MM:SS (rounded; negative as 0)."""
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def progress(iterable, total, label, stream=sys.stderr, width=30):

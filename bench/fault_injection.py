@@ -42,6 +42,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from deepnet import run_folder  # noqa: E402
 from deepnet_util import load_pickle, save_pickle  # noqa: E402
 
 PLANS = ("checkpoint", "training", "commit", "test", "startup")
@@ -88,12 +89,16 @@ def copy_run_folder(template, folder, own_data=False):
     return folder
 
 
+def run_paths(folder):
+    return run_folder.folder_paths(os.path.join(folder, run_folder.OUTPUT_DIR, "faults"), SPEC, RUN)
+
+
 def run_dir(folder):
-    return os.path.join(folder, "3_output_cifar", "faults", SPEC, f"run_{RUN}")
+    return run_paths(folder)["run_dir"]
 
 
 def record_path(folder):
-    return os.path.join(run_dir(folder), f"record_{SPEC}_run_{RUN}.pkl")
+    return run_paths(folder)["record"]
 
 
 # ---------------------------------------------------------------- one process
@@ -153,11 +158,7 @@ def temporary_checkpoints(folder, pid):
 
 
 def checkpoints(folder):
-    models = os.path.join(run_dir(folder), "models")
-    try:
-        return {name for name in os.listdir(models) if name.startswith("ckpt_mb_")}
-    except FileNotFoundError:
-        return set()
+    return {os.path.basename(path) for path in run_folder.checkpoint_dirs(run_paths(folder)["models"]).values()}
 
 
 # ---------------------------------------------------------------- kill plans
@@ -496,7 +497,7 @@ def judge(folder, reference):
     left = sorted(os.listdir(models)) if os.path.isdir(models) else []
     temporary = [os.path.relpath(os.path.join(d, name), folder) for d, dirs, files in os.walk(folder)
                  for name in dirs + files if name.startswith(".tmp") or name.endswith(".tmp.png")]
-    clean = left == [f"ckpt_mb_{record['early_stopping_mb']}"] and not temporary
+    clean = left == [os.path.basename(run_folder.checkpoint_dir(models, record['early_stopping_mb']))] and not temporary
     return not diffs, clean, (diffs[0] if diffs else f"models/: {left}, temporary files: {temporary}")
 
 

@@ -11,7 +11,6 @@ full-size recorder to read. Then times the real command line as a child process 
 included) and checks that it reported every run.
 """
 import argparse
-import glob
 import json
 import os
 import pickle
@@ -25,6 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from deepnet import commands  # noqa: E402
 import deepnet_supervisor as sv  # noqa: E402
 from deepnet_util import RunLock, load_pickle  # noqa: E402
 
@@ -85,15 +85,15 @@ def build(root):
             if status is None:
                 continue
             settings = sv.run_settings(sv.SETTINGS, {}, {"path_relative": root}, experiment, spec, run)
-            os.makedirs(sv.run_dir(settings))
-            with open(sv.status_path(settings), "w") as handle:
+            os.makedirs(commands.run_paths(settings)['run_dir'])
+            with open(commands.run_paths(settings)['status'], "w") as handle:
                 json.dump(status, handle)
             try:
-                os.link(recorder, sv.record_path(settings))
+                os.link(recorder, commands.run_paths(settings)['record'])
             except OSError:
-                shutil.copyfile(recorder, sv.record_path(settings))
+                shutil.copyfile(recorder, commands.run_paths(settings)['record'])
             if status["state"] == "running":
-                locks.append(RunLock(sv.lock_path(settings)))
+                locks.append(RunLock(commands.run_paths(settings)['lock']))
                 locks[-1].acquire()
     return locks, os.path.getsize(recorder)
 
@@ -115,7 +115,8 @@ def main():
         print(f"recorder size {recorder_bytes / 1e6:.1f} MB; {summary[0]}")
         print(summary[1])
         if args.compare:
-            paths = glob.glob(os.path.join(root, "3_output_cifar", "*", "*", "run_*", "record_*.pkl"))
+            paths = [commands.run_paths(settings)["record"] for settings in sv.plan(sv.parse_args(
+                ["--sweep", "paper", "--set", f"path_relative={root}"])) if status_of(settings["run"])]
             start = time.perf_counter()
             for path in paths:
                 load_pickle(path)

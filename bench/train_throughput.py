@@ -113,7 +113,7 @@ def measure_loop_efficiency(settings, steps, reps=3):
     sess.run(train_op) loop with one fixed feed, on the same graph and session, alternating; medians."""
     import tempfile
     import deepnet_main
-    import deepnet_task_cifar as task
+    from deepnet import data, datasets, run_folder, trainer
     from deepnet_util import save_pickle
     batch = 256
     rng = np.random.default_rng(0)
@@ -125,29 +125,29 @@ def measure_loop_efficiency(settings, steps, reps=3):
         flags = ["-path_relative", root, "-network", settings["network"], "-af_set", settings["af_set"],
                  "-blend_mode", settings["blend_mode"], "-blend_trainable", str(settings["blend_trainable"]),
                  "-swish_beta_trainable", str(settings["swish_beta_trainable"]), "-minibatch_size", str(batch)]
-        s = deepnet_main.validate(vars(deepnet_main.parser().parse_args(flags)))
-        train, test = (task.load_dataset(p, 10) for p in task.data_files(s))
-        data = task.Data(train, test, task.make_split(len(train[1]), s), batch)
-        with task.StopRequest() as stop:
-            trainer = task.Trainer(s, task.run_paths(s), data, None, lambda line: None, stop)
-            trainer.val_mbs = trainer.ckpt_mbs = trainer.af_mbs = trainer.all_mbs = set()
-            trainer.sess.run(trainer.init_op)
-            trainer.record = task.new_recorder(s, data.mbs_per_epoch)
-            inputs = trainer.model.inputs
-            images, labels = data.minibatch(1, batch, s)
+        s = deepnet_main.check_flags(vars(deepnet_main.parser().parse_args(flags)))
+        train, test = (data.load_dataset(p, 10) for p in datasets.data_files(s))
+        run_data = data.Data(train, test, data.make_split(len(train[1]), s), batch)
+        with trainer.StopRequest() as stop:
+            loop = trainer.Trainer(s, run_folder.run_paths(s), run_data, None, lambda line: None, stop)
+            loop.val_mbs = loop.ckpt_mbs = loop.af_mbs = loop.all_mbs = set()
+            loop.sess.run(loop.init_op)
+            loop.record = trainer.new_recorder(s, run_data.mbs_per_epoch)
+            inputs = loop.model.inputs
+            images, labels = run_data.minibatch(1, batch, s)
             feed = {inputs.images: images, inputs.labels: labels,
                     inputs.keep_probs: s["dropout_keep_probs"], inputs.training: True}
 
             def suite_loop(n):
-                s["n_minibatches"] = trainer.record["mb_count_total"] + n
+                s["n_minibatches"] = loop.record["mb_count_total"] + n
                 start = time.perf_counter()
-                trainer._train()
+                loop._train()
                 return time.perf_counter() - start
 
             def bare_loop(n):
                 start = time.perf_counter()
                 for _ in range(n):
-                    trainer.sess.run(trainer.model.train_op, feed)
+                    loop.sess.run(loop.model.train_op, feed)
                 return time.perf_counter() - start
 
             suite_loop(3), bare_loop(3)
@@ -155,8 +155,8 @@ def measure_loop_efficiency(settings, steps, reps=3):
             for _ in range(reps):
                 suite.append(suite_loop(steps))
                 bare.append(bare_loop(steps))
-            trainer.writer.close()
-            trainer.sess.close()
+            loop.writer.close()
+            loop.sess.close()
     return float(np.median(bare) / np.median(suite))
 
 

@@ -34,7 +34,13 @@ def run_settings(root, **overrides):
             "-create_lc_on_the_fly", "False"]
     for key, value in overrides.items():
         argv += [f"-{key}"] + ([str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)])
-    return deepnet_main.validate(vars(deepnet_main.parser().parse_args(argv)))
+    return deepnet_main.check_flags(vars(deepnet_main.parser().parse_args(argv)))
+
+
+def state_of(settings):
+    """The run's state name (run_folder.run_state) as the supervisor sees it."""
+    from deepnet import commands, run_folder
+    return run_folder.run_state(commands.run_paths(settings)).name
 
 
 def assert_same(a, b, where="record"):

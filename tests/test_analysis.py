@@ -22,6 +22,7 @@ from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deepnet import figures, results, run_statistics  # noqa: E402
 import deepnet_analysis as da  # noqa: E402
 from deepnet_util import UserError, load_pickle  # noqa: E402
 
@@ -292,7 +293,7 @@ def original_of(exp, spec, records):
     """The original's numbers for a spec, fed with every complete recorder of it (the bad run included)."""
     complete = [records[spec, run] for run in spec_runs(spec)]
     if spec == BAD_RUN[0]:
-        complete.append(load_pickle(da.recorder_path(exp, spec, BAD_RUN[1])))
+        complete.append(load_pickle(results.recorder_path(exp, spec, BAD_RUN[1])))
     return original_spec_analysis(complete)
 
 
@@ -402,13 +403,13 @@ def test_bad_run_is_excluded_and_the_val_mean_run_only_warned_about(analysed):
 
 def test_bad_run_rule_boundaries():
     record = {"test_top1": 0.3}
-    assert da.bad_test_reason(record) is None                     # open interval: 0.3 stays
-    assert da.bad_test_reason({"test_top1": 0.0}) is None         # 0 stays (the original's `test_t1 and`)
-    assert "0.29999" in da.bad_test_reason({"test_top1": 0.29999})
-    assert "below 0.3" in da.val_mean_warning("s", 1, {"val_mb_n_hist": [0, 1], "val_top1_hist": [0.3, 0.29998]})
-    assert da.val_mean_warning("s", 1, {"val_mb_n_hist": [0, 1], "val_top1_hist": [0.3, 0.95]}) is None
-    assert da.val_mean_warning("s", 1, {"val_mb_n_hist": [0, 1], "val_top1_hist": [0.2, 0.3]}) is not None
-    assert da.val_mean_warning("s", 1, {"val_mb_n_hist": [], "val_top1_hist": []}) is None
+    assert results.bad_test_reason(record) is None                     # open interval: 0.3 stays
+    assert results.bad_test_reason({"test_top1": 0.0}) is None         # 0 stays (the original's `test_t1 and`)
+    assert "0.29999" in results.bad_test_reason({"test_top1": 0.29999})
+    assert "below 0.3" in results.val_mean_warning("s", 1, {"val_mb_n_hist": [0, 1], "val_top1_hist": [0.3, 0.29998]})
+    assert results.val_mean_warning("s", 1, {"val_mb_n_hist": [0, 1], "val_top1_hist": [0.3, 0.95]}) is None
+    assert results.val_mean_warning("s", 1, {"val_mb_n_hist": [0, 1], "val_top1_hist": [0.2, 0.3]}) is not None
+    assert results.val_mean_warning("s", 1, {"val_mb_n_hist": [], "val_top1_hist": []}) is None
 
 
 def welch_reference(a, b):
@@ -507,7 +508,7 @@ def test_paired_tests_against_scipy_and_by_hand():
     ref = {run: 0.70 + 0.02 * rng.normal() for run in range(1, 13)}
     spec = {run: acc + 0.01 + 0.01 * rng.normal() for run, acc in ref.items() if run != 4}
     spec[20] = 0.9                                                     # no partner: not a pair
-    result = da.compare_paired(spec, ref)
+    result = run_statistics.compare_paired(spec, ref)
     runs = sorted(set(spec) & set(ref))
     a, b = [spec[r] for r in runs], [ref[r] for r in runs]
     assert result["n_pairs"] == 11
@@ -517,10 +518,10 @@ def test_paired_tests_against_scipy_and_by_hand():
     assert math.isclose(result["wilcoxon_p"], wilcoxon_exact(a, b), rel_tol=1e-12)
     # the pairing matters: the unpaired Welch p of the same numbers is far larger
     assert result["paired_t_p"] < 0.01 < stats.ttest_ind(a, b, equal_var=False).pvalue
-    assert math.isnan(da.compare_paired({1: 0.5}, {1: 0.4})["paired_t_p"])              # one pair
-    same = da.compare_paired({1: 0.5, 2: 0.6}, {1: 0.5, 2: 0.6})                      # every difference 0
+    assert math.isnan(run_statistics.compare_paired({1: 0.5}, {1: 0.4})["paired_t_p"])              # one pair
+    same = run_statistics.compare_paired({1: 0.5, 2: 0.6}, {1: 0.5, 2: 0.6})                      # every difference 0
     assert same["n_pairs"] == 2 and math.isnan(same["paired_t_p"]) and math.isnan(same["wilcoxon_p"])
-    shifted = da.compare_paired({1: 0.6, 2: 0.7, 3: 0.8}, {1: 0.5, 2: 0.6, 3: 0.7})   # one constant shift
+    shifted = run_statistics.compare_paired({1: 0.6, 2: 0.7, 3: 0.8}, {1: 0.5, 2: 0.6, 3: 0.7})   # one constant shift
     assert math.isnan(shifted["paired_t_p"]) and shifted["wilcoxon_p"] == pytest.approx(0.25)
 
 
@@ -529,21 +530,21 @@ def test_welch_interval_by_hand():
     se2 = 1 / 3 + 4 / 5
     df = se2 ** 2 / ((1 / 3) ** 2 / 2 + (4 / 5) ** 2 / 4)
     half = stats.t.ppf(0.975, df) * math.sqrt(se2)
-    low, high = da.welch_interval([1.0, 2.0, 3.0], [-2.0, -2.0, 0.0, 2.0, 2.0])
+    low, high = run_statistics.welch_interval([1.0, 2.0, 3.0], [-2.0, -2.0, 0.0, 2.0, 2.0])
     assert math.isclose(low, 2 - half, rel_tol=1e-12) and math.isclose(high, 2 + half, rel_tol=1e-12)
     assert 5.0 < df < 6.0 and 2.4 < stats.t.ppf(0.975, df) < 2.6
-    assert all(math.isnan(v) for v in da.welch_interval([1.0, 1.0], [2.0, 2.0]))   # no spread
-    assert all(math.isnan(v) for v in da.welch_interval([1.0], [2.0, 3.0]))        # n < 2
+    assert all(math.isnan(v) for v in run_statistics.welch_interval([1.0, 1.0], [2.0, 2.0]))   # no spread
+    assert all(math.isnan(v) for v in run_statistics.welch_interval([1.0], [2.0, 3.0]))        # n < 2
 
 
 def test_holm_against_hand_computed_examples():
     # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
-    assert np.allclose(da.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
-    assert np.allclose(da.holm([0.6, 0.7]), [1.0, 1.0])                        # capped at 1
-    adjusted = da.holm([math.nan, 0.5, 0.3])                                    # NaN not counted
+    assert np.allclose(run_statistics.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    assert np.allclose(run_statistics.holm([0.6, 0.7]), [1.0, 1.0])                        # capped at 1
+    adjusted = run_statistics.holm([math.nan, 0.5, 0.3])                                    # NaN not counted
     assert math.isnan(adjusted[0]) and np.allclose(adjusted[1:], [0.6, 0.6])
-    assert np.allclose(da.holm([0.02, 0.02]), [0.04, 0.04])                     # ties
-    assert np.allclose(da.holm([0.2]), [0.2])
+    assert np.allclose(run_statistics.holm([0.02, 0.02]), [0.04, 0.04])                     # ties
+    assert np.allclose(run_statistics.holm([0.2]), [0.2])
 
 
 def test_excluded_runs_are_named_with_reasons(analysed):
@@ -602,10 +603,10 @@ def test_plots_are_valid_pngs(analysed):
 
 def test_af_weights_of_the_tested_model(analysed):
     exp, records, _, _ = analysed
-    x = da.AF_X
+    x = figures.AF_X
     # ABU: recorder['test_af_weights'] (x1.5) wins over the history at the tested minibatch
     record = records["ABU", 5]
-    entry = da.tested_af_weights(exp, "ABU", 5, record)["dense5"]
+    entry = figures.tested_af_weights(exp, "ABU", 5, record)["dense5"]
     raw = blend_weights("5_blend5_swish", 5, 40) * 1.4 * TEST_AF_SCALE
     assert np.allclose(entry["blend_weights_raw"], raw)
     w = raw / raw.sum()
@@ -613,25 +614,25 @@ def test_af_weights_of_the_tested_model(analysed):
     elu = np.where(x > 0, x, np.exp(np.minimum(x, 0)) - 1)
     expected = (w[0] * np.maximum(x, 0) + w[1] * elu + w[2] * np.tanh(x)
                 + w[3] * x / (1 + np.exp(-beta * x)) + w[4] * x)
-    assert np.allclose(da.af_curves([record], [{"dense5": entry}], ["dense5"])["dense5"][0], expected)
+    assert np.allclose(figures.af_curves([record], [{"dense5": entry}], ["dense5"])["dense5"][0], expected)
     # old recorders: relu run 1's AF-weights file (x2); run 2's file is for another mb, so its history
-    weights = [da.tested_af_weights(exp, "relu", run, records["relu", run]) for run in (1, 2)]
+    weights = [figures.tested_af_weights(exp, "relu", run, records["relu", run]) for run in (1, 2)]
     w1 = blend_weights("1_relu", 1, 60)[0] * 2.0 * 1.1
     w2 = blend_weights("1_relu", 2, 70)[0] * 1.1
-    curves = da.af_curves([records["relu", 1], records["relu", 2]], weights, ["conv2"])
+    curves = figures.af_curves([records["relu", 1], records["relu", 2]], weights, ["conv2"])
     assert np.allclose(curves["conv2"], [w1 * np.maximum(x, 0), w2 * np.maximum(x, 0)])
 
 
 def test_af_shapes_draw_the_plain_relu_dashed_in_every_panel():
-    curves = {layer: np.array([np.tanh(da.AF_X), 0.5 * np.tanh(da.AF_X)]) for layer in ("conv1", "dense5")}
-    fig = da.af_shapes_figure("s", curves, 2)
+    curves = {layer: np.array([np.tanh(figures.AF_X), 0.5 * np.tanh(figures.AF_X)]) for layer in ("conv1", "dense5")}
+    fig = figures.af_shapes_figure("s", curves, 2)
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in panels] == ["conv1", "dense5"]
     for ax in panels:
         relu = [line for line in ax.get_lines() if line.get_label() == "ReLU"]
         assert len(relu) == 1 and relu[0].get_linestyle() == "--"
-        assert np.allclose(relu[0].get_xdata(), da.AF_X)
-        assert np.allclose(relu[0].get_ydata(), np.maximum(da.AF_X, 0))
+        assert np.allclose(relu[0].get_xdata(), figures.AF_X)
+        assert np.allclose(relu[0].get_ydata(), np.maximum(figures.AF_X, 0))
 
 
 def test_curves_on_a_common_grid():

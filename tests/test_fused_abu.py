@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deepnet import activations, architectures  # noqa: E402
 import deepnet_network as net  # noqa: E402
 
 tf = net.tf
@@ -62,8 +63,8 @@ def blend_jacobian(raw, blend_mode):
         total = np.sum(np.abs(raw))
         return eye / total - np.outer(raw, np.sign(raw)) / total ** 2
     if blend_mode == "clipnormed":
-        clipped = np.clip(raw, net.POSNORM_MIN, net.POSNORM_MAX)
-        inside = (raw > net.POSNORM_MIN) & (raw < net.POSNORM_MAX)
+        clipped = np.clip(raw, activations.POSNORM_MIN, activations.POSNORM_MAX)
+        inside = (raw > activations.POSNORM_MIN) & (raw < activations.POSNORM_MAX)
         total = np.sum(clipped)
         return (eye - np.outer(clipped / total, np.ones(n))) / total * inside
     if blend_mode == "softmaxed":
@@ -85,7 +86,7 @@ def reference_for_raw(x, raw, beta, dy, blend_mode, af_set=AF_SET):
     """reference() with the weight gradient taken back through the blend mode to the raw weights."""
     raw = np.asarray(raw, np.float64)
     of = reference_relu if af_set == "1_relu" else reference
-    ref = of(x, net.effective_weights_numpy(raw, blend_mode), beta, dy)
+    ref = of(x, activations.effective_weights_numpy(raw, blend_mode), beta, dy)
     jacobian = blend_jacobian(raw, blend_mode)
     ref["dw"] = (jacobian.T @ ref["dw"][0], np.abs(jacobian).T @ ref["dw"][1])
     return ref
@@ -105,7 +106,7 @@ class AbuGraph:
         with self.graph.as_default():
             self.x = tf.placeholder(dtype, [None])
             self.dy = tf.placeholder(dtype, [None])
-            self.raw = tf.placeholder(dtype, [len(net.parse_af_set(af_set))])
+            self.raw = tf.placeholder(dtype, [len(activations.parse_af_set(af_set))])
             self.beta = tf.placeholder(dtype, [])
             self.outputs = {}
             for fused in (True, False):
@@ -124,7 +125,7 @@ class AbuGraph:
 @pytest.fixture(scope="module")
 def graphs():
     built = {(dtype, mode): AbuGraph(getattr(tf, dtype), mode)
-             for dtype in ("float32", "float64") for mode in net.BLEND_MODES}
+             for dtype in ("float32", "float64") for mode in activations.BLEND_MODES}
     yield built
     for g in built.values():
         g.sess.close()
@@ -150,7 +151,7 @@ def check(graph, x, raw, beta, dy):
     degenerate = len(raw) == 1 and graph.blend_mode != "unrestricted"
     if degenerate:  # the residue is a few roundings of d/d effective (summed in whatever order the CPU's packs give)
         of = reference_relu if graph.af_set == "1_relu" else reference
-        weight = net.effective_weights_numpy(raw, graph.blend_mode)
+        weight = activations.effective_weights_numpy(raw, graph.blend_mode)
         residue = 4 * np.finfo(graph.dtype.as_numpy_dtype).eps * of(x, weight, beta, dy)["dw"][1] / np.abs(raw)
     for name in ref:
         exact, scale = ref[name]
@@ -167,7 +168,7 @@ def check(graph, x, raw, beta, dy):
 
 # ---------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("blend_mode", list(net.BLEND_MODES))
+@pytest.mark.parametrize("blend_mode", list(activations.BLEND_MODES))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_matches_plain_and_reference(graphs, blend_mode, dtype):
     graph = graphs[(dtype, blend_mode)]
@@ -204,7 +205,7 @@ def test_huge_inputs(graphs, blend_mode):
 def test_fused_scaled_relu(dtype):
     """1_relu: values and dx bit for bit as the plain w * relu(x), dw to TOL, in every blend mode."""
     rng = np.random.default_rng(6)
-    for blend_mode in net.BLEND_MODES:
+    for blend_mode in activations.BLEND_MODES:
         x = bulk_x(rng) if blend_mode != "unrestricted" else np.concatenate([bulk_x(rng), HUGE_X])
         x = x.astype(dtype)
         graph = AbuGraph(getattr(tf, dtype), blend_mode, "1_relu")
@@ -281,7 +282,7 @@ def smcn_gradients(fused, af_set, blend_mode, trainable, images, labels, weights
                     optimizer="Adam")
     weights = SMCN_WEIGHTS[af_set] if weights is None else weights
     af_init = {name: {"blend_weights": np.array(weights, np.float32), "swish_beta": 1.4}
-               for name in net.activated_layers("smcn")}
+               for name in architectures.activated_layers("smcn")}
     saved, net.FUSED_ABU = net.FUSED_ABU, fused
     try:
         with tf.Graph().as_default() as graph:
@@ -309,7 +310,7 @@ def test_whole_smcn_gradients_agree(af_set, blend_mode, trainable):
     loss_p, grads_p = smcn_gradients(False, af_set, blend_mode, trainable, images, labels)
     # A blend mode's raw-weight gradient is a sum over the gradients w.r.t. the effective weights that can cancel:
     # its rounding is relative to those, the unrestricted gradients at the same effective weights.
-    effective = net.effective_weights_numpy(SMCN_WEIGHTS[af_set], blend_mode).astype(np.float32)
+    effective = activations.effective_weights_numpy(SMCN_WEIGHTS[af_set], blend_mode).astype(np.float32)
     per_effective = smcn_gradients(False, af_set, "unrestricted", trainable, images, labels, effective)[1] \
         if trainable and blend_mode != "unrestricted" else {}
     assert abs(loss_f - loss_p) <= TOL * max(1.0, abs(loss_p))

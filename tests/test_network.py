@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deepnet import activations, architectures, outputs, run_folder, schedule  # noqa: E402
 import deepnet_network as dn  # noqa: E402
 from deepnet_util import UserError, save_pickle  # noqa: E402
 
@@ -135,14 +136,14 @@ X_POINTS = np.array([-30.0, -5.0, -1.0, -0.25, -1e-3, 0.0, 1e-3, 0.25, 1.0, 5.0,
 
 
 def test_registry_has_the_six_base_functions():
-    assert set(dn.BASE_FUNCTIONS) == {"relu", "jelu", "tanh", "jswish", "linu", "selu"}
-    assert [n for n, f in dn.BASE_FUNCTIONS.items() if f.uses_beta] == ["jswish"]
+    assert set(activations.BASE_FUNCTIONS) == {"relu", "jelu", "tanh", "jswish", "linu", "selu"}
+    assert [n for n, f in activations.BASE_FUNCTIONS.items() if f.uses_beta] == ["jswish"]
 
 
 @pytest.mark.parametrize("name", sorted(REF_FUNCTIONS))
 @pytest.mark.parametrize("beta", [1.0, 0.4, 2.5])
 def test_base_function_numpy_values(name, beta):
-    got = dn.BASE_FUNCTIONS[name].numpy(X_POINTS, beta)
+    got = activations.BASE_FUNCTIONS[name].numpy(X_POINTS, beta)
     np.testing.assert_allclose(got, REF_FUNCTIONS[name](X_POINTS, beta), rtol=1e-12, atol=1e-12)
 
 
@@ -157,7 +158,7 @@ def test_base_function_landmarks():
         "selu": [-1.0507009873554805 * 1.6732632423543772 * (1 - np.exp(-30.0)), 0.0, 30 * 1.0507009873554805],
     }
     for name, values in expected.items():
-        np.testing.assert_allclose(dn.BASE_FUNCTIONS[name].numpy(x, 1.0), values, rtol=1e-12, atol=1e-15,
+        np.testing.assert_allclose(activations.BASE_FUNCTIONS[name].numpy(x, 1.0), values, rtol=1e-12, atol=1e-15,
                                    err_msg=name)
 
 
@@ -166,7 +167,7 @@ def test_base_function_graph_values_float32_and_float64():
         for dtype, tol in ((tf.float32, 2e-6), (tf.float64, 1e-12)):
             x = tf.constant(X_POINTS, dtype)
             beta = tf.constant(1.7, dtype)
-            got = sess.run({n: f.graph(x, beta) for n, f in dn.BASE_FUNCTIONS.items()})
+            got = sess.run({n: f.graph(x, beta) for n, f in activations.BASE_FUNCTIONS.items()})
             for name, values in got.items():
                 np.testing.assert_allclose(values, REF_FUNCTIONS[name](X_POINTS, 1.7), rtol=tol, atol=tol,
                                            err_msg=f"{name} {dtype}")
@@ -174,9 +175,9 @@ def test_base_function_graph_values_float32_and_float64():
 
 def test_parse_af_set_values():
     for af_set, names in REF_SETS.items():
-        assert list(dn.parse_af_set(af_set)) == names
-    assert dn.uses_swish_beta("5_blend5_swish") and dn.uses_swish_beta("3_relu+tanh+jswish")
-    assert not dn.uses_swish_beta("1_relu") and not dn.uses_swish_beta("2_selu+linu")
+        assert list(activations.parse_af_set(af_set)) == names
+    assert activations.uses_swish_beta("5_blend5_swish") and activations.uses_swish_beta("3_relu+tanh+jswish")
+    assert not activations.uses_swish_beta("1_relu") and not activations.uses_swish_beta("2_selu+linu")
 
 
 @pytest.mark.parametrize("af_set, message", [
@@ -186,14 +187,14 @@ def test_parse_af_set_values():
 ])
 def test_parse_af_set_rejects(af_set, message):
     with pytest.raises(ValueError, match=message):
-        dn.parse_af_set(af_set)
+        activations.parse_af_set(af_set)
 
 
 def test_unknown_blend_mode_raises_everywhere():
     with pytest.raises(ValueError, match="blend mode 'foo'"):
-        dn.effective_weights_numpy([1.0], "foo")
+        activations.effective_weights_numpy([1.0], "foo")
     with pytest.raises(ValueError, match="blend mode 'foo'"):
-        dn.activation_numpy([1.0], "1_relu", [1.0], blend_mode="foo")
+        activations.activation_numpy([1.0], "1_relu", [1.0], blend_mode="foo")
     with tf.Graph().as_default():
         with pytest.raises(ValueError, match="blend mode 'foo'"):
             dn.activation(tf.zeros([3]), "1_relu", [1.0], blend_mode="foo")
@@ -203,7 +204,7 @@ def test_unknown_blend_mode_raises_everywhere():
 
 def test_wrong_number_of_blend_weights_raises():
     with pytest.raises(ValueError, match="blend weights"):
-        dn.activation_numpy([1.0], "5_blend5_swish", [0.2] * 4)
+        activations.activation_numpy([1.0], "5_blend5_swish", [0.2] * 4)
     with tf.Graph().as_default():
         with pytest.raises(ValueError, match="blend weights"):
             dn.activation(tf.zeros([3]), "1_relu", [0.2, 0.3, 0.5])
@@ -230,20 +231,20 @@ def test_effective_weights_numpy_and_graph(mode):
     with tf.Graph().as_default(), tf.Session() as sess:
         for raw in BLEND_CASES:
             want = ref_effective(raw, mode)
-            np.testing.assert_allclose(dn.effective_weights_numpy(raw, mode), want, rtol=1e-12)
-            got = sess.run(dn.effective_weights(tf.constant(raw, tf.float64), mode))
+            np.testing.assert_allclose(activations.effective_weights_numpy(raw, mode), want, rtol=1e-12)
+            got = sess.run(activations.effective_weights(tf.constant(raw, tf.float64), mode))
             np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=str(raw))
 
 
 def test_effective_weights_hand_values():
-    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 1.0], "clipnormed"),
+    np.testing.assert_allclose(activations.effective_weights_numpy([-1.0, 1.0], "clipnormed"),
                                [1e-4 / (1 + 1e-4), 1 / (1 + 1e-4)])
-    np.testing.assert_allclose(dn.effective_weights_numpy([5000.0, 1000.0], "clipnormed"), [0.5, 0.5])
-    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 3.0], "posnormed"), [-0.5, 1.5])  # = normalized
-    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 3.0], "absnormed"), [-0.25, 0.75])
-    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 3.0], "normalized"), [-0.5, 1.5])
-    np.testing.assert_allclose(dn.effective_weights_numpy([0.0, np.log(3.0)], "softmaxed"), [0.25, 0.75])
-    np.testing.assert_allclose(dn.effective_weights_numpy([-1.0, 3.0], "unrestricted"), [-1.0, 3.0])
+    np.testing.assert_allclose(activations.effective_weights_numpy([5000.0, 1000.0], "clipnormed"), [0.5, 0.5])
+    np.testing.assert_allclose(activations.effective_weights_numpy([-1.0, 3.0], "posnormed"), [-0.5, 1.5])  # = normalized
+    np.testing.assert_allclose(activations.effective_weights_numpy([-1.0, 3.0], "absnormed"), [-0.25, 0.75])
+    np.testing.assert_allclose(activations.effective_weights_numpy([-1.0, 3.0], "normalized"), [-0.5, 1.5])
+    np.testing.assert_allclose(activations.effective_weights_numpy([0.0, np.log(3.0)], "softmaxed"), [0.25, 0.75])
+    np.testing.assert_allclose(activations.effective_weights_numpy([-1.0, 3.0], "unrestricted"), [-1.0, 3.0])
 
 
 # ---------------------------------------------------------------- blended activation values
@@ -265,7 +266,7 @@ def test_activation_graph_equals_numpy_and_reference():
     for (af_set, mode), values in got.items():
         raw = RAW_WEIGHTS[len(REF_SETS[af_set])]
         want = ref_blend(X_ACT, REF_SETS[af_set], raw, beta, mode)
-        numpy_values = dn.activation_numpy(X_ACT, af_set, raw, beta, mode)
+        numpy_values = activations.activation_numpy(X_ACT, af_set, raw, beta, mode)
         np.testing.assert_allclose(numpy_values, want, rtol=1e-12, atol=1e-12, err_msg=f"{af_set} {mode}")
         np.testing.assert_allclose(values, want, rtol=2e-5, atol=2e-5, err_msg=f"{af_set} {mode}")
         assert values.dtype == np.float32
@@ -280,7 +281,7 @@ def test_abu_component_order():
         got = sess.run(outs)
     for i, ref in enumerate(order):
         np.testing.assert_allclose(got[i], ref(x, 0.7), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(dn.activation_numpy(x, "5_blend5_swish", np.eye(5)[i], 0.7), ref(x, 0.7),
+        np.testing.assert_allclose(activations.activation_numpy(x, "5_blend5_swish", np.eye(5)[i], 0.7), ref(x, 0.7),
                                    rtol=1e-12, atol=1e-12)
 
 
@@ -395,16 +396,16 @@ EXPECTED_WEIGHT_SHAPES["smcnDeep"] = {
 
 
 def test_architectures_match_the_issue():
-    assert set(dn.ARCHITECTURES) == set(EXPECTED_ARCHITECTURES)
+    assert set(architectures.ARCHITECTURES) == set(EXPECTED_ARCHITECTURES)
     for network, layers in EXPECTED_ARCHITECTURES.items():
-        assert [tuple(layer) for layer in dn.ARCHITECTURES[network]] == layers, network
-    assert dn.n_dropout_layers("smcn") == 3 and dn.n_dropout_layers("smcnDeep") == 5
-    assert dn.n_dropout_layers("smcnLin") == 0 and dn.n_dropout_layers("smcnBN") == 0
+        assert [tuple(layer) for layer in architectures.ARCHITECTURES[network]] == layers, network
+    assert architectures.n_dropout_layers("smcn") == 3 and architectures.n_dropout_layers("smcnDeep") == 5
+    assert architectures.n_dropout_layers("smcnLin") == 0 and architectures.n_dropout_layers("smcnBN") == 0
     for network, layers in ORIGINAL_LAYERS.items():
-        assert dn.layer_names(network) == layers, network
-        assert dn.activated_layers(network) == layers[:-1], network
-    assert dn.activated_layers("smcn") == ["conv1", "conv2", "conv3", "conv4", "dense5", "dense6"]
-    assert dn.layer_names("smcnDeep")[-3:] == ["dense9", "dense10", "denseout"]
+        assert architectures.layer_names(network) == layers, network
+        assert architectures.activated_layers(network) == layers[:-1], network
+    assert architectures.activated_layers("smcn") == ["conv1", "conv2", "conv3", "conv4", "dense5", "dense6"]
+    assert architectures.layer_names("smcnDeep")[-3:] == ["dense9", "dense10", "denseout"]
 
 
 @pytest.mark.parametrize("network", sorted(EXPECTED_ARCHITECTURES))
@@ -433,7 +434,7 @@ def test_variables_per_architecture(network, af_set):
         assert sorted(endpoints.af_vars) == sorted(activated) == sorted(endpoints.activations)
         ops = {op.type for op in tf.get_default_graph().get_operations()}
         assert ("StatelessRandomUniformV2" in ops or "StatelessRandomUniform" in ops) == (
-            dn.n_dropout_layers(network) > 0)
+            architectures.n_dropout_layers(network) > 0)
         assert ("AvgPool" in ops) == (network == "smcnLin")
         assert ("MaxPool" in ops or "MaxPoolV2" in ops) == (network != "smcnLin")
 
@@ -518,13 +519,13 @@ def test_swish_beta_only_for_swish_sets_and_default_init():
         with session_for(make_settings(af_set=af_set, network="smcnLin")) as (model, sess):
             variables = variables_by_name()
             n = len(REF_SETS[af_set])
-            for layer in dn.activated_layers("smcnLin"):
+            for layer in architectures.activated_layers("smcnLin"):
                 np.testing.assert_array_equal(sess.run(variables[f"smcnLin/{layer}/blend_weights_raw"]),
                                               np.full(n, 1.0 / n, np.float32))
                 beta = sess.run(variables[f"smcnLin/{layer}/swish_beta"])
                 assert beta.shape == (1,) and beta[0] == 1.0
-    init = dn.default_af_init("smcnDeep", "5_blend5_swish")
-    assert sorted(init) == sorted(dn.activated_layers("smcnDeep")) and len(init) == 10
+    init = activations.default_af_init("smcnDeep", "5_blend5_swish")
+    assert sorted(init) == sorted(architectures.activated_layers("smcnDeep")) and len(init) == 10
     for layer in init.values():
         np.testing.assert_allclose(layer["blend_weights"], [0.2] * 5)
         assert layer["swish_beta"] == 1.0
@@ -607,7 +608,7 @@ def custom_af_init(network, n, seed):
     rng = np.random.default_rng(seed)
     return {layer: {"blend_weights": rng.uniform(-0.5, 1.0, n).astype(np.float32),
                     "swish_beta": float(rng.uniform(0.5, 2.0))}
-            for layer in dn.activated_layers(network)}
+            for layer in architectures.activated_layers(network)}
 
 
 def fetch_params(sess, network):
@@ -639,7 +640,7 @@ def assert_forward_matches(network, af_set, mode, training_feeds, bn_inference="
         for training in training_feeds:
             feed = {model.inputs.images: x}
             bn = None
-            if network in dn.BATCH_NORM_NETWORKS:
+            if network in architectures.BATCH_NORM_NETWORKS:
                 feed[model.inputs.training] = training
                 bn = training or bn_inference == "batch_statistics"
             logits, acts = sess.run([model.logits, model.endpoints.activations], feed)
@@ -706,8 +707,8 @@ def test_trainable_flags(blend_trainable, beta_trainable):
     with session_for(settings) as (model, sess):
         trainable = {v.op.name for v in tf.trainable_variables()}
         variables = variables_by_name()
-        blend = [variables[f"smcnLin/{layer}/blend_weights_raw"] for layer in dn.activated_layers("smcnLin")]
-        betas = [variables[f"smcnLin/{layer}/swish_beta"] for layer in dn.activated_layers("smcnLin")]
+        blend = [variables[f"smcnLin/{layer}/blend_weights_raw"] for layer in architectures.activated_layers("smcnLin")]
+        betas = [variables[f"smcnLin/{layer}/swish_beta"] for layer in architectures.activated_layers("smcnLin")]
         assert all((v.op.name in trainable) == blend_trainable for v in blend)
         assert all((v.op.name in trainable) == beta_trainable for v in betas)
         assert "smcnLin/conv1/weights" in trainable
@@ -974,7 +975,7 @@ def write_af_file(exp_dir, spec, run, mb, n, value, beta=1.25, network="smcnLin"
         content[f"{network}/{layer}/blend_weights_raw:0"] = [float(w) for w in weights]
         if beta is not None:
             content[f"{network}/{layer}/swish_beta:0"] = [beta]
-    path = dn.af_weights_path(str(exp_dir), spec, run, mb)
+    path = run_folder.af_weights_path(str(exp_dir), spec, run, mb)
     save_pickle(path, content)
     return path
 
@@ -985,15 +986,15 @@ def test_predefined_af_init_picks_newest_and_normalizes(tmp_path):
     write_af_file(tmp_path, "specA", 2, 9000, 5, 9.0)      # another run
     write_af_file(tmp_path, "specA_b", 1, 9000, 5, 9.0)    # another spec sharing the prefix
     write_af_file(tmp_path, "specA", 11, 9000, 5, 9.0)     # run 11 is not run 1
-    newest = dn.newest_af_weights_file(str(tmp_path), "specA", 1)
+    newest = run_folder.newest_af_weights_file(str(tmp_path), "specA", 1)
     assert os.path.basename(newest) == "af_weights_specA_run_1_mb_300.pkl"
-    assert os.path.exists(dn.af_weights_path(str(tmp_path), "specA", 1, 300))
-    init = dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "5_blend5_swish")
-    assert sorted(init) == sorted(dn.activated_layers("smcnLin"))
+    assert os.path.exists(run_folder.af_weights_path(str(tmp_path), "specA", 1, 300))
+    init = activations.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "5_blend5_swish")
+    assert sorted(init) == sorted(architectures.activated_layers("smcnLin"))
     for layer in init.values():
         np.testing.assert_allclose(layer["blend_weights"], 0.3 + np.arange(5), rtol=1e-6)
         assert layer["swish_beta"] == 1.25
-    normed = dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "5_blend5_swish", normalize=True)
+    normed = activations.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "5_blend5_swish", normalize=True)
     for layer in normed.values():
         np.testing.assert_allclose(layer["blend_weights"], (0.3 + np.arange(5)) / np.sum(0.3 + np.arange(5)),
                                    rtol=1e-6)
@@ -1010,26 +1011,26 @@ def test_predefined_af_init_picks_newest_and_normalizes(tmp_path):
 
 
 def test_predefined_af_init_errors(tmp_path):
-    assert dn.newest_af_weights_file(str(tmp_path), "specA", 1) is None
+    assert run_folder.newest_af_weights_file(str(tmp_path), "specA", 1) is None
     with pytest.raises(UserError, match="specA.*run 1"):
-        dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "1_relu")
+        activations.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "1_relu")
     write_af_file(tmp_path, "specA", 1, 10, 3, 0.5)
     with pytest.raises(UserError, match="3 blend weights|1 blend weights"):
-        dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "1_relu")
-    init = dn.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "3_relu+tanh+jswish")
+        activations.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "1_relu")
+    init = activations.predefined_af_init(str(tmp_path), "specA", 1, "smcnLin", "3_relu+tanh+jswish")
     assert len(init) == 6
     # the keys carry the network, as the original's variable names: another network's file does not fit
     with pytest.raises(UserError, match="blend weights for smcn/conv1"):
-        dn.predefined_af_init(str(tmp_path), "specA", 1, "smcn", "3_relu+tanh+jswish")
+        activations.predefined_af_init(str(tmp_path), "specA", 1, "smcn", "3_relu+tanh+jswish")
     # a pickle that is no dict (e.g. the old {'layers': ...} format is a dict, but lacks every key)
-    save_pickle(dn.af_weights_path(str(tmp_path), "specB", 1, 3), [1.0, 2.0, 3.0])
+    save_pickle(run_folder.af_weights_path(str(tmp_path), "specB", 1, 3), [1.0, 2.0, 3.0])
     with pytest.raises(UserError, match="af_weights_specB_run_1_mb_3.pkl"):
-        dn.predefined_af_init(str(tmp_path), "specB", 1, "smcnLin", "3_relu+tanh+jswish")
+        activations.predefined_af_init(str(tmp_path), "specB", 1, "smcnLin", "3_relu+tanh+jswish")
     old = {"layers": {layer: {"blend_weights_raw": np.ones(3, np.float32), "swish_beta": 1.0}
                       for layer in ORIGINAL_LAYERS["smcnLin"][:-1]}}
-    save_pickle(dn.af_weights_path(str(tmp_path), "specC", 1, 3), old)
+    save_pickle(run_folder.af_weights_path(str(tmp_path), "specC", 1, 3), old)
     with pytest.raises(UserError, match="af_weights_specC_run_1_mb_3.pkl.*blend weights for smcnLin/conv1"):
-        dn.predefined_af_init(str(tmp_path), "specC", 1, "smcnLin", "3_relu+tanh+jswish")
+        activations.predefined_af_init(str(tmp_path), "specC", 1, "smcnLin", "3_relu+tanh+jswish")
 
 
 # ---------------------------------------------------------------- transcriptions of the original's AF-weight I/O
@@ -1074,7 +1075,7 @@ def graph_af_variables(sess, network):
 
 def test_predefined_af_init_reads_the_file_the_original_writes(tmp_path):
     values = original_af_values("smcn", 5, seed=11)
-    path = dn.af_weights_path(str(tmp_path), "orig", 2, 4000)
+    path = run_folder.af_weights_path(str(tmp_path), "orig", 2, 4000)
     saved = original_save_af_weights(path, values)
     with open(path, "rb") as handle:
         assert handle.read(2) == b"\x80\x03"  # pickle protocol 3
@@ -1084,7 +1085,7 @@ def test_predefined_af_init_reads_the_file_the_original_writes(tmp_path):
     assert sorted(blend) == sorted(beta) == sorted(ORIGINAL_LAYERS["smcn"][:-1])
     settings = make_settings(network="smcn", af_set="5_blend5_swish", blend_mode="unrestricted")
 
-    init = dn.predefined_af_init(str(tmp_path), "orig", 2, "smcn", "5_blend5_swish")
+    init = activations.predefined_af_init(str(tmp_path), "orig", 2, "smcn", "5_blend5_swish")
     assert sorted(init) == sorted(blend)
     for layer in blend:
         np.testing.assert_array_equal(init[layer]["blend_weights"], blend[layer])
@@ -1098,7 +1099,7 @@ def test_predefined_af_init_reads_the_file_the_original_writes(tmp_path):
         assert got[layer][1].shape == (1,)
 
     # -norm_blendw_at_init: divided by their sum (the original: layer_blend_weights /= reduce_sum(...))
-    normed = dn.predefined_af_init(str(tmp_path), "orig", 2, "smcn", "5_blend5_swish", normalize=True)
+    normed = activations.predefined_af_init(str(tmp_path), "orig", 2, "smcn", "5_blend5_swish", normalize=True)
     with session_for(settings, normed) as (model, sess):
         got = graph_af_variables(sess, "smcn")
     for layer in blend:
@@ -1109,8 +1110,8 @@ def test_predefined_af_init_reads_the_file_the_original_writes(tmp_path):
 
     # the original's loader also accepted its older key '<scope>/blend_weights:0'
     older = [(name.replace("/blend_weights_raw:0", "/blend_weights:0"), value) for name, value in values]
-    original_save_af_weights(dn.af_weights_path(str(tmp_path), "older", 2, 10), older)
-    init = dn.predefined_af_init(str(tmp_path), "older", 2, "smcn", "5_blend5_swish")
+    original_save_af_weights(run_folder.af_weights_path(str(tmp_path), "older", 2, 10), older)
+    init = activations.predefined_af_init(str(tmp_path), "older", 2, "smcn", "5_blend5_swish")
     for layer in blend:
         np.testing.assert_array_equal(init[layer]["blend_weights"], blend[layer])
         assert init[layer]["swish_beta"] == beta[layer][0]
@@ -1118,27 +1119,27 @@ def test_predefined_af_init_reads_the_file_the_original_writes(tmp_path):
 
 def test_af_file_without_swish_beta_for_a_swish_set_is_a_one_line_user_error(tmp_path):
     # the original saves swish_beta only when it is trainable: such a file cannot start a swish set
-    path = dn.af_weights_path(str(tmp_path), "nobeta", 1, 50)
+    path = run_folder.af_weights_path(str(tmp_path), "nobeta", 1, 50)
     values = original_af_values("smcnLin", 5, seed=3, with_beta=False)
     saved = original_save_af_weights(path, values)
     assert not any("swish_beta" in name for name in saved)
     for af_set in ("5_blend5_swish", "5_relu+jelu+tanh+jswish+linu"):
         with pytest.raises(UserError) as failure:
-            dn.predefined_af_init(str(tmp_path), "nobeta", 1, "smcnLin", af_set)
+            activations.predefined_af_init(str(tmp_path), "nobeta", 1, "smcnLin", af_set)
         message = str(failure.value)
         assert len(message.splitlines()) == 1, message
         assert path in message and "swish_beta" in message and "smcnLin/conv1" in message
     # a beta of the wrong size is refused the same way
     wrong = values + [(f"smcnLin/{layer}/swish_beta:0", np.array([1.0, 2.0], np.float32))
                       for layer in ORIGINAL_LAYERS["smcnLin"][:-1]]
-    path = dn.af_weights_path(str(tmp_path), "twobetas", 1, 50)
+    path = run_folder.af_weights_path(str(tmp_path), "twobetas", 1, 50)
     original_save_af_weights(path, wrong)
     with pytest.raises(UserError) as failure:
-        dn.predefined_af_init(str(tmp_path), "twobetas", 1, "smcnLin", "5_blend5_swish")
+        activations.predefined_af_init(str(tmp_path), "twobetas", 1, "smcnLin", "5_blend5_swish")
     assert len(str(failure.value).splitlines()) == 1 and path in str(failure.value)
     assert "swish_beta" in str(failure.value)
     # a set without swish needs no beta (the original read it only when 'swish' was in the set)
-    init = dn.predefined_af_init(str(tmp_path), "nobeta", 1, "smcnLin", "5_relu+jelu+tanh+linu+selu")
+    init = activations.predefined_af_init(str(tmp_path), "nobeta", 1, "smcnLin", "5_relu+jelu+tanh+linu+selu")
     blend = {name.split("/")[1]: value for name, value in values if name.endswith("/blend_weights_raw:0")}
     for layer, value in blend.items():
         np.testing.assert_array_equal(init[layer]["blend_weights"], value)
@@ -1168,7 +1169,7 @@ def test_af_weights_file_content_is_the_originals_dict_and_reads_back(tmp_path, 
                              swish_beta_trainable=beta_trainable)
     start = custom_af_init("smcnLin", 5, seed=8)
     with session_for(settings, start) as (model, sess):
-        content = dn.af_weights_file_content(sess, tf.get_default_graph())
+        content = outputs.af_weights_file_content(sess, tf.get_default_graph())
         original = original_get_af_weights_dict(sess)
     assert set(content) == set(original)  # (a dict: the order of its keys is no part of the format)
     for name, value in original.items():
@@ -1185,8 +1186,8 @@ def test_af_weights_file_content_is_the_originals_dict_and_reads_back(tmp_path, 
         if beta_trainable:
             assert content[f"smcnLin/{layer}/swish_beta:0"] == [np.float32(start[layer]["swish_beta"])]
     if blend_trainable and beta_trainable:  # what this suite writes, it reads back exactly
-        save_pickle(dn.af_weights_path(str(tmp_path), "back", 1, 7), content)
-        init = dn.predefined_af_init(str(tmp_path), "back", 1, "smcnLin", "5_blend5_swish")
+        save_pickle(run_folder.af_weights_path(str(tmp_path), "back", 1, 7), content)
+        init = activations.predefined_af_init(str(tmp_path), "back", 1, "smcnLin", "5_blend5_swish")
         for layer in layers:
             np.testing.assert_array_equal(init[layer]["blend_weights"], start[layer]["blend_weights"])
             assert init[layer]["swish_beta"] == np.float32(start[layer]["swish_beta"])
@@ -1195,6 +1196,13 @@ def test_af_weights_file_content_is_the_originals_dict_and_reads_back(tmp_path, 
 def test_the_flag_choices_are_what_the_network_implements():
     """deepnet_main keeps its choices TensorFlow-free; they must name exactly what deepnet_network builds."""
     import deepnet_main
-    assert set(deepnet_main.NETWORKS) == set(dn.ARCHITECTURES)
-    assert set(deepnet_main.BLEND_MODES) == set(dn.BLEND_MODES)
-    assert deepnet_main.BN_INFERENCE == dn.BN_INFERENCE
+    assert set(deepnet_main.NETWORKS) == set(architectures.ARCHITECTURES)
+    assert set(deepnet_main.BLEND_MODES) == set(activations.BLEND_MODES)
+    assert deepnet_main.BN_INFERENCE == architectures.BN_INFERENCE
+    assert set(deepnet_main.OPTIMIZERS) == set(dn.OPTIMIZERS)
+    settings = {"lr": 0.1, "lr_decay": 0.01, "lr_lin_min": 0.01, "lr_lin_steps": 10, "lr_step_ep": [1],
+                "lr_step_multi": [0.1], "val_set_fraction": 0.5, "minibatch_size": 1}
+    for kind in deepnet_main.LR_SCHEDULES:   # each one the schedule knows
+        assert schedule.learning_rate(dict(settings, lr_schedule_type=kind), 5, 4) > 0
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        schedule.learning_rate(dict(settings, lr_schedule_type="cyclic"), 5, 4)

@@ -10,6 +10,8 @@ import shlex
 import numpy as np
 import pytest
 
+import deepnet_util  # noqa: E402
+from deepnet import commands, estimate  # noqa: E402
 from conftest import write_tiny_data
 import deepnet_main
 import deepnet_supervisor as sv
@@ -266,7 +268,7 @@ def test_list_sweeps_prints_one_tab_separated_line_per_sweep(capsys):
 # ---------------------------------------------------------------- the predefined-initialisation dependency
 
 def test_predefined_sweep_dry_runs_with_a_warning_and_refuses_to_start(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sv, "time_steps", lambda settings, threads, deadline, **kw: (0.5, 0.001))
+    monkeypatch.setattr(estimate, "time_steps", lambda settings, threads, deadline, **kw: (0.5, 0.001))
     root = str(tmp_path)
     args = ["--sweep", "paper_predefined", "--runs", "1-2", "--set", f"path_relative={root}"]
     assert sv.main(["--dry-run", *args]) == 0
@@ -306,23 +308,23 @@ def tiny_run(root, **changes):
 
 def test_timed_steps_do_not_depend_on_the_machine(tmp_path):
     timer = FakeTimer(0.25)
-    step, per_image = sv.time_steps(tiny_run(tmp_path), 1, deadline=float("inf"), steps=3, timer=timer)
+    step, per_image = estimate.step_timing(tiny_run(tmp_path), 1, deadline=float("inf"), steps=3, timer=timer)
     # three timed steps and one timed inference, two readings each, 0.25 s apart; a deadline check before the
     # second and the third step
     assert timer.readings == 2 * 3 + 2 * 1 + 2
     assert step == 0.25 and per_image == 0.25 / 4
     late = FakeTimer(0.25)
-    sv.time_steps(tiny_run(tmp_path), 1, deadline=0.0, steps=3, timer=late)
+    estimate.step_timing(tiny_run(tmp_path), 1, deadline=0.0, steps=3, timer=late)
     assert late.readings == 2 + 1 + 2            # past the deadline: one timed step, then the inference
 
 
 def test_measure_times_each_network_and_kind_once_within_the_budget(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(sv, "time_steps", lambda settings, threads, deadline, timer: calls.append(
-        (sv.timing_key(settings), threads, deadline)) or (0.5, 0.001))
+    monkeypatch.setattr(estimate, "time_steps", lambda settings, threads, deadline, timer: calls.append(
+        (estimate.timing_key(settings), threads, deadline)) or (0.5, 0.001))
     runs = [tiny_run(tmp_path, af_set="1_relu"), tiny_run(tmp_path, af_set="1_tanh"),
             tiny_run(tmp_path, af_set="5_blend5_swish"), tiny_run(tmp_path, network="smcnBN")]
-    timings = sv.measure(runs, workers=1, budget_s=60, timer=FakeTimer(0.0, start=100.0))
+    timings = estimate.measure(runs, workers=1, budget_s=60, timer=FakeTimer(0.0, start=100.0))
     assert list(timings) == [("smcnLin", "cifar10", "1 function"), ("smcnLin", "cifar10", "blend"),
                              ("smcnBN", "cifar10", "1 function")]
     threads = max(1, os.cpu_count() // 1)
@@ -335,23 +337,23 @@ def test_estimate_line_from_given_timings(tmp_path):
                                         "--set", f"path_relative={root}", "--set", "n_minibatches=100"]))[0])
     blend = dict(plain, spec_name="abu", af_set="5_blend5_swish")
     resumed = dict(plain, run=2)
-    status = sv.status_path(resumed)
-    os.makedirs(os.path.dirname(status))
-    with open(status, "w") as handle:
+    status_file = commands.run_paths(resumed)['status']
+    os.makedirs(os.path.dirname(status_file))
+    with open(status_file, "w") as handle:
         handle.write('{"state": "incomplete", "last_checkpoint_mb": 40}')
     timings = {("smcn", "cifar10", "1 function"): (0.5, 0.002), ("smcn", "cifar10", "blend"): (0.6, 0.003)}
     # validations at 0, 20, ..., 100 on the 2,560-image split, then the 10,000-image test
     fresh = 100 * 0.5 + (6 * 2560 + 10000) * 0.002                   # 50 + 50.72 = 100.72 s
     abu = 100 * 0.6 + (6 * 2560 + 10000) * 0.003                     # 60 + 76.08 = 136.08 s
     rest = 60 * 0.5 + (3 * 2560 + 10000) * 0.002                     # from mb 40: 30 + 35.36 = 65.36 s
-    assert sv.run_seconds(plain, 0.5, 0.002, 100) == pytest.approx(fresh)
-    assert sv.run_seconds(resumed, 0.5, 0.002, 60) == pytest.approx(rest)
-    line = sv.estimate_line([plain, blend, resumed], timings, workers=2)
+    assert estimate.run_seconds(plain, 0.5, 0.002, 100) == pytest.approx(fresh)
+    assert estimate.run_seconds(resumed, 0.5, 0.002, 60) == pytest.approx(rest)
+    line = estimate.estimate_line([plain, blend, resumed], timings, workers=2)
     # two workers: abu (136 s) on one, plain then resumed (100.72 + 65.36 = 166.08 s) on the other
     assert line == ("3 runs, 260 minibatches in all; estimated wall time 0:02:46 with --workers 2 on this machine "
                     "(per training step: smcn cifar10 1 function 500 ms, smcn cifar10 blend 600 ms)")
-    assert sv.estimate_line([plain, blend, resumed], timings, workers=1).split("wall time ")[1].startswith(
-        f"{sv.clock(fresh + abu + rest)} with --workers 1")
+    assert estimate.estimate_line([plain, blend, resumed], timings, workers=1).split("wall time ")[1].startswith(
+        f"{deepnet_util.clock(fresh + abu + rest)} with --workers 1")
 
 
 # ---------------------------------------------------------------- a small real chain: paper, then predefined

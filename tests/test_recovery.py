@@ -15,7 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import assert_same, write_tiny_data
+from deepnet import commands, data, results, schedule, trainer  # noqa: E402
+from conftest import assert_same, state_of, write_tiny_data
 import deepnet_analysis
 import deepnet_main
 import deepnet_supervisor as sv
@@ -60,7 +61,7 @@ def train_here(root, extra=(), out=None):
     """deepnet_main.main(RUN_FLAGS + extra) in root; (exit status, the lines it printed)."""
     lines = []
     with working_dir(root):
-        s = deepnet_main.validate(vars(deepnet_main.parser().parse_args(RUN_FLAGS + list(extra))))
+        s = deepnet_main.check_flags(vars(deepnet_main.parser().parse_args(RUN_FLAGS + list(extra))))
         code = task.run_training(s, out=lines.append)
     return code, lines
 
@@ -109,12 +110,12 @@ def reference(complete_root):
 def stopped_root(tmp_path_factory, data_dir):
     """A run stopped (as by -walltime) at its checkpoint STOP_MB: checkpoints 0 and STOP_MB, both with state."""
     root = make_root(tmp_path_factory.mktemp("stopped"), data_dir)
-    real = task.Trainer._walltime_exceeded
-    task.Trainer._walltime_exceeded = lambda self, mb: mb == STOP_MB
+    real = trainer.Trainer._walltime_exceeded
+    trainer.Trainer._walltime_exceeded = lambda self, mb: mb == STOP_MB
     try:
         assert train_here(root)[0] == 0
     finally:
-        task.Trainer._walltime_exceeded = real
+        trainer.Trainer._walltime_exceeded = real
     assert sorted(os.listdir(models(root))) == ["ckpt_mb_0", f"ckpt_mb_{STOP_MB}"]
     assert all(os.path.isfile(os.path.join(checkpoint(root, mb), "state.index")) for mb in (0, STOP_MB))
     return root
@@ -135,10 +136,10 @@ def test_a_run_records_its_data_split_and_threads(reference, complete_root, data
     import hashlib  # the fingerprint's hash, computed independently
     assert fingerprint["train"]["sha256"] == hashlib.sha256(train["images"].tobytes() + train["labels"].tobytes()
                                                             ).hexdigest()
-    train_idx, val_idx = task.make_split(320, reference["settings"])
+    train_idx, val_idx = data.make_split(320, reference["settings"])
     assert fingerprint["split"] == {"train": 304, "validation": 16, "sha256": hashlib.sha256(
         train_idx.astype(np.int64).tobytes() + val_idx.astype(np.int64).tobytes()).hexdigest()}
-    assert reference["threads"] == task.current_threads() and reference["threads"]["intra_op"] >= 1
+    assert reference["threads"] == trainer.current_threads() and reference["threads"]["intra_op"] >= 1
     status = deepnet_util.load_json_object(os.path.join(run_dir(complete_root), "status.json"))
     assert status["record_bytes"] == os.path.getsize(os.path.join(run_dir(complete_root), "record_spec_run_1.pkl"))
 
@@ -281,7 +282,7 @@ def test_the_analysis_refuses_runs_trained_on_other_data(reference, tmp_path):
     exp = os.path.join(str(tmp_path), "3_output_cifar", "mixed")
 
     def put(spec, run, record):
-        path = deepnet_analysis.recorder_path(exp, spec, run)
+        path = results.recorder_path(exp, spec, run)
         os.makedirs(os.path.dirname(path))
         save_pickle(path, dict(record, spec_name=spec, run=run))
         return path
@@ -308,7 +309,7 @@ def test_the_analysis_refuses_runs_trained_on_other_data(reference, tmp_path):
 @pytest.fixture
 def earliest_checkpoint_wins(monkeypatch):
     """Early stopping picks the earliest final checkpoint: the tested model is not the last checkpoint."""
-    monkeypatch.setattr(task, "_best", lambda scores: min(scores))
+    monkeypatch.setattr(schedule, "_best", lambda scores: min(scores))
 
 
 def test_a_lost_recorder_of_a_complete_run_is_rebuilt_by_testing_again(data_dir, tmp_path, earliest_checkpoint_wins):
@@ -340,15 +341,15 @@ def test_the_supervisor_sends_a_complete_run_with_a_damaged_recorder_to_be_rebui
                                                                                      tmp_path):
     root = copy_root(complete_root, tmp_path)
     settings = sv.run_settings(sv.SETTINGS, {}, {"path_relative": root}, "rel", "spec", 1)
-    assert sv.run_state(settings) == "complete"
-    truncate(sv.record_path(settings), 0.9)
-    assert sv.run_state(settings) == "damaged"
+    assert state_of(settings) == "complete"
+    truncate(commands.run_paths(settings)['record'], 0.9)
+    assert state_of(settings) == "damaged"
     lines = []
-    todo, complete = sv.split_by_state([settings], lines.append)
-    assert todo == [settings] and complete == 0
-    assert lines == [f"spec run 1: complete, but its recorder {sv.record_path(settings)} is missing or damaged: "
+    todo, elsewhere = sv.split_by_state([settings], lines.append)
+    assert todo == [settings] and elsewhere == []
+    assert lines == [f"spec run 1: complete, but its recorder {commands.run_paths(settings)['record']} is missing or damaged: "
                      "rerunning it rebuilds the recorder from its last checkpoint"]
-    assert train_here(root)[0] == 0 and sv.run_state(settings) == "complete"
+    assert train_here(root)[0] == 0 and state_of(settings) == "complete"
     assert_same(record_of(root), reference)
 
 
@@ -364,7 +365,7 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_the_run_resumes(d
     try:
         root = make_root(disk, data_dir)
         filler = os.path.join(disk, "filler")
-        real_save = task.Checkpointer.save
+        real_save = trainer.Checkpointer.save
 
         def save_on_a_full_disk(self, sess, record, mb, with_model):
             if mb == STOP_MB:  # fill the disk just before this checkpoint's files are written
@@ -378,7 +379,7 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_the_run_resumes(d
             return real_save(self, sess, record, mb, with_model)
 
         intact = {}
-        monkeypatch.setattr(task.Checkpointer, "save", save_on_a_full_disk)
+        monkeypatch.setattr(trainer.Checkpointer, "save", save_on_a_full_disk)
         code, errors, _ = cli_here(root, capsys=capsys)
         assert code == 1 and len(errors) == 1, errors
         assert f"ckpt_mb_{STOP_MB}: checkpoint not written (" in errors[0] and "No space left on device" in errors[0]

@@ -20,12 +20,12 @@ import time
 import numpy as np
 import pytest
 
+from deepnet import data, datasets, results, run_folder, schedule, trainer  # noqa: E402
 from conftest import ROOT, assert_same, write_tiny_data
 import deepnet_analysis
 import deepnet_main
-import deepnet_task_cifar as task
 import deepnet_util
-from deepnet_util import UserError, load_pickle, save_pickle
+from deepnet_util import EXIT_RUNNING_ELSEWHERE, RunningElsewhere, UserError, load_pickle, save_pickle
 
 MAIN = os.path.join(ROOT, "deepnet_main.py")
 PREPROCESSING = os.path.join(ROOT, "deepnet_task_cifar_preprocessing.py")
@@ -147,10 +147,10 @@ def stop_process(proc):
     pytest.fail(f"process {proc.pid} did not stop")
 
 
-def assert_cli_refusal(result, names):
-    """Exit 2, nothing on stdout, stderr at most a usage line and one error line naming `names`."""
+def assert_cli_refusal(result, names, status=2):
+    """Exit status (2: bad input), nothing on stdout, stderr at most a usage line and one error line naming `names`."""
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == status, result.stderr
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
     assert 1 <= len(lines) <= 2, result.stderr
@@ -202,9 +202,9 @@ def test_second_process_is_refused_and_a_killed_holder_leaves_no_stuck_lock(refe
         before = snapshot(root)
         second = subprocess.run([sys.executable, MAIN] + RUN_FLAGS, cwd=root, capture_output=True, text=True,
                                 timeout=300)
-        assert_cli_refusal(second, f"process {first.pid}")
+        assert_cli_refusal(second, f"process {first.pid}", EXIT_RUNNING_ELSEWHERE)
         assert "already running" in second.stderr
-        with pytest.raises(UserError, match=f"already running.*process {first.pid}"):
+        with pytest.raises(RunningElsewhere, match=f"already running.*process {first.pid}"):
             train_here(root)
         assert snapshot(root) == before
     finally:
@@ -251,8 +251,8 @@ DIVERGE_AFTER = 20   # a NaN learning rate at this step (after the checkpoint at
 @pytest.fixture
 def nan_rate_after_checkpoint(monkeypatch):
     """The run diverges after its first checkpoint: the learning rate of step DIVERGE_AFTER is NaN."""
-    real = task.learning_rate
-    monkeypatch.setattr(task, "learning_rate",
+    real = schedule.learning_rate
+    monkeypatch.setattr(schedule, "learning_rate",
                         lambda s, mb, n: float("nan") if mb == DIVERGE_AFTER else real(s, mb, n))
 
 
@@ -284,13 +284,13 @@ def test_a_diverged_run_is_tested_from_its_checkpoint_before_the_divergence_and_
     assert f"test of the model of minibatch 19 on 80 test images: loss {record['test_loss']:.4f}, top-1 " \
            f"{record['test_top1']:.4f}" in capsys.readouterr().out
     assert lines[-2].endswith(f"; diverged at mb {mb}")
-    status = task.load_json_object(os.path.join(run_dir(root), "status.json"))
+    status = deepnet_util.load_json_object(os.path.join(run_dir(root), "status.json"))
     assert status["state"] == "complete" and status["diverged_at_mb"] == mb
     # counted by the analysis, and flagged (19 steps on the tiny data leave a test accuracy near chance, which
     # the original's bad-run rule, a separate matter, would exclude: switched off here)
-    monkeypatch.setattr(deepnet_analysis, "BAD_TEST_ACC", (0.0, 0.0))
+    monkeypatch.setattr(results, "BAD_TEST_ACC", (0.0, 0.0))
     exp = os.path.join(root, "3_output_cifar", "rel")
-    assert deepnet_analysis.check_run(exp, "spec", 1)[0] is not None
+    assert results.check_run(exp, "spec", 1)[0] is not None
     result = deepnet_analysis.analyse_experiment(exp, reference="spec", out=lambda line: None)
     (row,) = result["performance"]
     assert row["n_runs"] == 1 and row["diverged runs"] == f"run 1 diverged at mb {mb}"
@@ -318,7 +318,7 @@ def test_a_run_stopped_between_divergence_and_test_diverges_again_exactly(diverg
     def crash(self):
         raise OSError("disk gone")
     with monkeypatch.context() as patch:
-        patch.setattr(task.Trainer, "_test", crash)
+        patch.setattr(trainer.Trainer, "_test", crash)
         with pytest.raises(OSError):
             train_here(root)
     assert not record_of(root)["test_completed"] and models_left(root) == ["ckpt_mb_0", "ckpt_mb_19"]
@@ -408,7 +408,7 @@ def test_pruning_keeps_a_bounded_set_that_always_contains_the_final_winner(seed)
     val_mbs = [0] + [mb for mb in range(1, n + 1) if mb % val_every == 0 or mb == n]
     # the original's window: min(2000, max(n // 10, 500)) minibatches over n // (number of validations)
     window = min(2000, max(n // 10, 500)) // (n // len(val_mbs))
-    assert task.smoothing_window(val_mbs) == window == 31  # a score is final 3 * 14 validations later
+    assert schedule.smoothing_window(val_mbs) == window == 31  # a score is final 3 * 14 validations later
     trend = 0.9 - 0.6 * np.exp(-np.arange(len(val_mbs)) / 60) - 0.0001 * np.arange(len(val_mbs)) * seed
     val_top1 = (trend + 0.03 * rng.normal(size=len(val_mbs))).tolist()
     checkpoints = list(range(0, n, ckpt_every)) + [n]
@@ -418,14 +418,14 @@ def test_pruning_keeps_a_bounded_set_that_always_contains_the_final_winner(seed)
         upto = len([m for m in val_mbs if m <= mb])  # the validations done when checkpoint mb is written
         record = {"checkpoints": checkpoints[:i + 1], "val_mb_n_hist": val_mbs[:upto],
                   "val_top1_hist": val_top1[:upto], "settings": {"create_val_set": True}}
-        keep = task.checkpoints_to_keep(record, val_mbs)
+        keep = schedule.checkpoints_to_keep(record, val_mbs)
         on_disk = (on_disk | {mb}) & (keep | {mb})
         assert winner in on_disk or winner > mb
         assert len(on_disk) <= int(1.5 * window * val_every / ckpt_every) + 2
     assert winner in on_disk and len(on_disk) < len(checkpoints) / 3
     final = {"checkpoints": checkpoints, "val_mb_n_hist": val_mbs, "val_top1_hist": val_top1,
              "settings": {"create_val_set": True}}
-    best, smoothed = task.early_stopping_mb(final, val_mbs)
+    best, smoothed = schedule.early_stopping_mb(final, val_mbs)
     assert best == winner
     np.testing.assert_allclose(smoothed, naive_smooth(val_top1, window), rtol=1e-12, atol=1e-12)
 
@@ -433,19 +433,19 @@ def test_pruning_keeps_a_bounded_set_that_always_contains_the_final_winner(seed)
 def test_real_run_prunes_during_training_and_keeps_only_the_tested_model(tmp_path, data_dir, monkeypatch):
     root = new_root(tmp_path, data_dir)
     window = 4  # validations: a checkpoint's smoothed score is final 3 validations (12 minibatches) later
-    monkeypatch.setattr(task, "smoothing_window", lambda val_mbs: window)
+    monkeypatch.setattr(schedule, "smoothing_window", lambda val_mbs: window)
     models = os.path.join(run_dir(root, "prune"), "models")
     listings = []
-    real_prune = task.Checkpointer.prune
+    real_prune = trainer.Checkpointer.prune
 
     def prune(self, keep_models):
         real_prune(self, keep_models)
-        newest = max(task.checkpoint_dirs(models))
+        newest = max(run_folder.checkpoint_dirs(models))
         listings.append((newest, sorted(os.listdir(models)),
                          sorted(os.path.basename(os.path.dirname(p))
                                 for p in glob.glob(os.path.join(models, "*", "state.index")))))
 
-    monkeypatch.setattr(task.Checkpointer, "prune", prune)
+    monkeypatch.setattr(trainer.Checkpointer, "prune", prune)
     # 320 images, validation 64, 4 minibatches of 64 per epoch: checkpoints and validations at 0, 4, ..., 16, 20
     assert train_here(root, ["-spec_name", "prune", "-network", "smcnLin", "-minibatch_size", "64",
                              "-val_set_fraction", "0.1", "-n_minibatches", "20", "-val_every", "4"]) == 0
@@ -572,9 +572,9 @@ def test_bad_flags_are_refused_up_front(shared_root, data_dir, capsys, argv, nam
 def test_more_weight_saves_than_minibatches_are_not_refused():
     """As the original: round(linspace(1, N, n)) may repeat minibatches; each is saved once."""
     argv = RUN_FLAGS + ["-n_minibatches", "2", "-safe_af_ws_n", "10", "-safe_all_ws_n", "5"]
-    s = deepnet_main.validate(vars(deepnet_main.parser().parse_args(argv)))
+    s = deepnet_main.check_flags(vars(deepnet_main.parser().parse_args(argv)))
     assert (s["safe_af_ws_n"], s["safe_all_ws_n"], s["n_minibatches"]) == (10, 5, 2)
-    assert task.weight_save_mbs(10, 2) == task.weight_save_mbs(5, 2) == {1, 2}
+    assert schedule.weight_save_mbs(10, 2) == schedule.weight_save_mbs(5, 2) == {1, 2}
 
 
 def test_unfit_predefined_af_weights_are_refused(tmp_path, data_dir, capsys):
@@ -658,7 +658,7 @@ BAD_DATA = {  # name: (which file, content: bytes / object / None for missing / 
 
 
 def write_data_case(root, which, content):
-    files = dict(zip(("train", "test"), task.data_files({"path_relative": root, "task": "cifar10",
+    files = dict(zip(("train", "test"), datasets.data_files({"path_relative": root, "task": "cifar10",
                                                          "preprocessing": "ztrans"})))
     save_pickle(files["train"], _valid(320))
     save_pickle(files["test"], _valid(80, seed=1))
@@ -688,7 +688,7 @@ def test_uint8_and_float64_image_arrays_are_read_as_float32(tmp_path, dtype):
     images = np.random.default_rng(2).integers(0, 256, (40, 32, 32, 3)).astype(dtype)
     path = os.path.join(str(tmp_path), "set.pkl")
     save_pickle(path, {"images": images, "labels": np.arange(40) % 10})
-    loaded, labels = task.load_dataset(path, 10)
+    loaded, labels = data.load_dataset(path, 10)
     assert loaded.dtype == np.float32 and loaded.shape == (40, 32, 32, 3)
     np.testing.assert_array_equal(loaded, images.astype(np.float32))
     np.testing.assert_array_equal(labels, np.arange(40) % 10)
@@ -789,5 +789,5 @@ def test_a_run_of_the_older_suite_resumes_in_its_own_terms(tmp_path, data_dir, m
     # the analysis reads an older recorder in today's terms, so its plots use the blend mode it trained with
     save_pickle(os.path.join(run_dir(root), "record_spec_run_1.pkl"),
                 dict(finished, settings=as_older_suite_wrote_it(finished["settings"])))
-    record, _, _ = deepnet_analysis.check_run(os.path.join(root, "3_output_cifar", "rel"), "spec", 1)
+    record, _, _ = results.check_run(os.path.join(root, "3_output_cifar", "rel"), "spec", 1)
     assert record["settings"] == finished["settings"]

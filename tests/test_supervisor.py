@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import shlex
 import signal
 import subprocess
@@ -16,7 +17,10 @@ import time
 
 import pytest
 
+from deepnet import cluster, commands, estimate, local, status  # noqa: E402
 import deepnet_supervisor as sv
+from conftest import state_of
+from deepnet_util import EXIT_RUNNING_ELSEWHERE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -39,7 +43,7 @@ FAKE_TIMING = (0.5, 0.001)    # seconds per training step, per inference image: 
 @pytest.fixture(autouse=True)
 def fake_step_timing(monkeypatch):
     """A dry run's estimate times real training steps; these tests check everything but that, so quickly."""
-    monkeypatch.setattr(sv, "time_steps", lambda settings, threads, deadline, **kw: FAKE_TIMING)
+    monkeypatch.setattr(estimate, "time_steps", lambda settings, threads, deadline, **kw: FAKE_TIMING)
 
 
 def run_supervisor(args, env=None, timeout=900):
@@ -67,8 +71,8 @@ def load_record(root, experiment, spec, run):
 def test_settings_are_every_deepnet_main_flag_with_its_default():
     import deepnet_main
     defaults = {name: default for name, _, default, *_ in deepnet_main.FLAGS}
-    assert set(sv.SETTINGS) | set(sv.PER_RUN_FLAGS) == set(defaults)
-    assert not set(sv.SETTINGS) & set(sv.PER_RUN_FLAGS)
+    assert set(sv.SETTINGS) | set(commands.PER_RUN_FLAGS) == set(defaults)
+    assert not set(sv.SETTINGS) & set(commands.PER_RUN_FLAGS)
     for key, value in sv.SETTINGS.items():
         assert value == defaults[key], key
 
@@ -91,10 +95,10 @@ def test_parse_runs():
 
 
 def test_cluster_walltime_and_time_formats():
-    assert sv.cluster_walltime({"time_minutes": 1440}) == 1440 - 72
-    assert sv.cluster_walltime({"time_minutes": 60}) == 50
-    assert sv.slurm_time(1440 + 90) == "1-01:30:00"
-    assert sv.slurm_time(45) == "0-00:45:00"
+    assert cluster.cluster_walltime({"time_minutes": 1440}) == 1440 - 72
+    assert cluster.cluster_walltime({"time_minutes": 60}) == 50
+    assert cluster.slurm_time(1440 + 90) == "1-01:30:00"
+    assert cluster.slurm_time(45) == "0-00:45:00"
 
 
 # ---------------------------------------------------------------- dry run
@@ -266,13 +270,13 @@ record_path, mode, marker = sys.argv[1:4]
 print("fake run", mode, flush=True)
 if mode == "fail":
     sys.exit(3)
-if mode == "locked":  # another process takes the lock just before this one: deepnet_main's exit 2
+if mode == "locked":  # another process takes the lock just before this one: deepnet_main's exit 75
     folder, here = os.path.dirname(record_path), os.path.dirname(marker)
     holder = subprocess.Popen([sys.executable, os.path.join(here, "hold_lock.py"), os.path.join(folder, ".lock"),
                                os.path.join(here, "release_locked"), record_path, "complete"], stdout=subprocess.PIPE)
     holder.stdout.readline()
     print(f"error: {folder}: this run is already running (process {holder.pid} on {os.uname().nodename})")
-    sys.exit(2)
+    sys.exit(75)
 if mode == "sleep":
     def stop(signum, frame):
         open(marker + ".tmp", "w").write("checkpointed")
@@ -295,10 +299,10 @@ def fake_runs(tmp_path, monkeypatch, modes):
 
     def command(settings, python=None):
         spec, run = settings["spec_name"], settings["run"]
-        record = os.path.join(sv.run_dir(settings), f"record_{spec}_run_{run}.pkl")
+        record = os.path.join(commands.run_paths(settings)['run_dir'], f"record_{spec}_run_{run}.pkl")
         return [PY, str(script), record, modes[spec, run], str(tmp_path / f"stopped_{spec}_{run}")]
 
-    monkeypatch.setattr(sv, "command", command)
+    monkeypatch.setattr(commands, "command", command)
     return runs
 
 
@@ -306,20 +310,20 @@ def test_local_pool_reports_progress_and_failures(tmp_path, monkeypatch):
     modes = {("a", 1): "ok", ("a", 2): "fail", ("b", 1): "ok", ("b", 2): "walltime"}
     runs = fake_runs(tmp_path, monkeypatch, modes)
     lines = []
-    counts = sv.run_local(runs, 2, lines.append)
+    counts = local.run_local(runs, 2, lines.append)
     assert counts == {"complete": 2, "incomplete": 1, "diverged": 0, "failed": 1}
     progress = [line for line in lines if line.startswith("[")]
     assert sorted(line.split("]")[0] for line in progress) == ["[1/4", "[2/4", "[3/4", "[4/4"]
     failed = next(line for line in progress if " a run 2:" in line)
-    assert f"FAILED (exit status 3), log: {sv.log_path(runs[1])}" in failed
+    assert f"FAILED (exit status 3), log: {commands.run_paths(runs[1])['log']}" in failed
     assert "failures 1" in progress[-1] and "ETA 0:00:00" in progress[-1]
     assert any("b run 2: stopped before the end" in line for line in progress)
     assert lines[-1] == "finished: 2 complete, 1 failed, 1 incomplete, 0 diverged"
     # logs are appended, never overwritten
-    sv.run_local(runs[1:2], 1, lambda line: None)
-    log = open(sv.log_path(runs[1])).read()
+    local.run_local(runs[1:2], 1, lambda line: None)
+    log = open(commands.run_paths(runs[1])['log']).read()
     assert log.count("deepnet_supervisor:") == 2 and log.count("fake run fail") == 2
-    assert sv.run_state(runs[0]) == "complete" and sv.run_state(runs[3]) == "todo"
+    assert state_of(runs[0]) == "complete" and state_of(runs[3]) == "incomplete"
 
 
 def test_interrupt_stops_the_children_with_sigterm(tmp_path, monkeypatch):
@@ -329,7 +333,7 @@ def test_interrupt_stops_the_children_with_sigterm(tmp_path, monkeypatch):
     def interrupt_when_started():
         deadline = time.time() + 60
         while time.time() < deadline:
-            logs = [sv.log_path(s) for s in runs[:2]]
+            logs = [commands.run_paths(s)['log'] for s in runs[:2]]
             if all(os.path.exists(p) and "fake run sleep" in open(p).read() for p in logs):
                 break
             time.sleep(0.1)
@@ -339,11 +343,11 @@ def test_interrupt_stops_the_children_with_sigterm(tmp_path, monkeypatch):
     thread = threading.Thread(target=interrupt_when_started)
     thread.start()
     with pytest.raises(KeyboardInterrupt):
-        sv.run_local(runs, 2, lines.append)
+        local.run_local(runs, 2, lines.append)
     thread.join()
     for run in (1, 2):
         assert (tmp_path / f"stopped_a_{run}").read_text() == "checkpointed"
-    assert not os.path.exists(sv.log_path(runs[2]))                   # never started
+    assert not os.path.exists(commands.run_paths(runs[2])['log'])                   # never started
     assert any(line.startswith("interrupted: stopping 2 running run(s)") for line in lines)
 
 
@@ -373,9 +377,9 @@ def hold_lock(tmp_path):
     started = []
 
     def start(settings, final="none"):
-        os.makedirs(sv.run_dir(settings), exist_ok=True)
+        os.makedirs(commands.run_paths(settings)['run_dir'], exist_ok=True)
         release = tmp_path / f"release_{len(started)}"
-        proc = subprocess.Popen([PY, str(script), sv.lock_path(settings), str(release), sv.record_path(settings),
+        proc = subprocess.Popen([PY, str(script), commands.run_paths(settings)["lock"], str(release), commands.run_paths(settings)['record'],
                                  final], stdout=subprocess.PIPE, text=True)
         started.append((proc, release))
         assert proc.stdout.readline() == "locked\n"
@@ -406,8 +410,8 @@ def sweep_args(**changes):
 def no_data_no_analysis(monkeypatch):
     """sweep() without data preparation; analyse() records whether some run was still held when called."""
     calls = []
-    monkeypatch.setattr(sv, "ensure_data", lambda *args, **kwargs: None)
-    monkeypatch.setattr(sv, "ELSEWHERE_POLL_S", 0.1)
+    monkeypatch.setattr(local, "ensure_data", lambda *args, **kwargs: None)
+    monkeypatch.setattr(local, "ELSEWHERE_POLL_S", 0.1)
 
     def analyse(settings, out=print):
         calls.append(settings["experiment_name"])
@@ -436,11 +440,11 @@ def test_run_held_elsewhere_is_waited_for_then_counted_or_resumed(tmp_path, monk
     assert "(+ 1 running elsewhere)" in progress[0]
     if final == "complete":
         assert progress[1].startswith("[2/2] a run 1: complete (ran elsewhere) | failures 0")
-        assert not os.path.exists(sv.log_path(runs[0]))              # never launched here
+        assert not os.path.exists(commands.run_paths(runs[0])['log'])              # never launched here
     else:
         assert "a run 1: ended elsewhere unfinished; resuming it here" in lines
         assert progress[1].startswith("[2/2] a run 1: complete in ")
-        assert "fake run ok" in open(sv.log_path(runs[0])).read()
+        assert "fake run ok" in open(commands.run_paths(runs[0])['log']).read()
     assert holder.poll() is not None and no_data_no_analysis == ["exp"]   # analysed once, after both ended
     assert lines[-1] == "finished: 2 complete, 0 failed, 0 incomplete, 0 diverged"
 
@@ -457,7 +461,7 @@ def test_no_wait_leaves_runs_held_elsewhere_and_skips_the_analysis(tmp_path, mon
     assert lines[-2] == "finished: 1 complete, 0 failed, 0 incomplete, 0 diverged, 1 still running elsewhere"
     assert lines[-1] == ("analysis skipped: 1 run(s) still running elsewhere (a run 1); run this command again "
                          "once they have ended")
-    assert no_data_no_analysis == [] and holder.poll() is None and not os.path.exists(sv.log_path(runs[0]))
+    assert no_data_no_analysis == [] and holder.poll() is None and not os.path.exists(commands.run_paths(runs[0])['log'])
 
 
 def test_a_run_that_loses_the_lock_race_is_not_a_failure(tmp_path, monkeypatch, hold_lock, no_data_no_analysis):
@@ -470,28 +474,21 @@ def test_a_run_that_loses_the_lock_race_is_not_a_failure(tmp_path, monkeypatch, 
             (tmp_path / "release_locked").touch()
 
     assert sv.sweep(sweep_args(), runs, out) == 0                      # (hold_lock wrote hold_lock.py)
-    assert "fake run locked" in open(sv.log_path(runs[0])).read()      # launched, then exit 2
+    assert "fake run locked" in open(commands.run_paths(runs[0])['log']).read()      # launched, then exit 75
     assert any(line.startswith("a run 1: running elsewhere (process ") for line in lines)
     assert not any("FAILED" in line for line in lines)
     assert any(line.startswith("[2/2] a run 1: complete (ran elsewhere)") for line in lines)
     assert no_data_no_analysis == ["exp"]
 
 
-def test_lock_race_is_read_from_the_exit_status_and_the_log(tmp_path):
+def test_lock_race_is_read_from_the_exit_status(tmp_path, hold_lock):
     settings = sv.run_settings(sv.SETTINGS, {}, {"path_relative": str(tmp_path)}, "exp", "a", 1)
-    os.makedirs(sv.run_dir(settings))
-    with open(sv.log_path(settings), "w") as handle:
-        handle.write(f"started\nerror: {sv.run_dir(settings)}: this run is already running (process 7 on n1)\n")
-    assert sv.locked_elsewhere(settings, 2) == "process 7 on n1"        # the lock is free again by now
-    assert sv.locked_elsewhere(settings, 1) == ""
-    launched_at = os.path.getsize(sv.log_path(settings))
-    with open(sv.log_path(settings), "a") as handle:                    # a later launch, refused otherwise
-        handle.write("error: something else\n")
-    assert sv.locked_elsewhere(settings, 2, launched_at) == ""
-    with open(sv.log_path(settings), "a") as handle:                    # the winner's output follows the refusal
-        handle.write(f"error: {sv.run_dir(settings)}: this run is already running (process 9 on n2)\n"
-                     "a run 1 | mb 10/60 | ...\na run 1: test of the model of minibatch 60 ...\n")
-    assert sv.locked_elsewhere(settings, 2, launched_at) == "process 9 on n2"
+    os.makedirs(commands.run_paths(settings)['run_dir'])
+    assert local.locked_elsewhere(settings, EXIT_RUNNING_ELSEWHERE) == "another process"   # the lock is free by now
+    assert local.locked_elsewhere(settings, 2) == "" and local.locked_elsewhere(settings, 1) == ""
+    holder, _ = hold_lock(settings)
+    assert local.locked_elsewhere(settings, EXIT_RUNNING_ELSEWHERE) == holder_text(holder)
+    assert local.locked_elsewhere(settings, 2) == ""                  # bad input is bad input, whoever holds the lock
 
 
 def test_dry_runs_leave_out_runs_held_elsewhere(tmp_path, capsys, hold_lock):
@@ -515,9 +512,9 @@ def test_dry_runs_leave_out_runs_held_elsewhere(tmp_path, capsys, hold_lock):
 
 STAND_IN_SUPERVISOR = """import os, sys, time
 sys.path.insert(0, REPO_DIR)
-import deepnet_supervisor as sv
+from deepnet import local
 child, marker, log = sys.argv[1:4]
-proc = sv.start_process([sys.executable, child, marker], open(log, "ab"), dict(os.environ))
+proc = local.start_process([sys.executable, child, marker], open(log, "ab"), dict(os.environ))
 print(proc.pid, flush=True)
 time.sleep(120)
 """
@@ -571,11 +568,11 @@ def test_a_worker_gets_sigterm_when_its_supervisor_is_killed(tmp_path):
 # ---------------------------------------------------------------- --status
 
 def write_status(settings, **fields):
-    os.makedirs(sv.run_dir(settings), exist_ok=True)
+    os.makedirs(commands.run_paths(settings)['run_dir'], exist_ok=True)
     status = {"state": "running", "pid": 1, "host": "n1", "mb": 0, "n_minibatches": 1000, "val_top1": None,
               "test_top1": None, "last_checkpoint_mb": None, "train_seconds": 0.0, "updated": 0.0, "message": "",
               **fields}
-    with open(sv.status_path(settings), "w") as handle:
+    with open(commands.run_paths(settings)['status'], "w") as handle:
         json.dump(status, handle)
 
 
@@ -602,7 +599,7 @@ def test_status_shows_every_state_counts_and_the_eta_and_writes_nothing(tmp_path
     write_status(run["relu", 3], state="incomplete", mb=650, val_top1=0.6, last_checkpoint_mb=600,
                  train_seconds=70.0, message="walltime reached")
     write_status(run["relu", 4], pid=999999, host="n9", mb=250, val_top1=0.4, last_checkpoint_mb=200)
-    open(sv.lock_path(run["relu", 4]), "w").write("process 999999 on n9\n")     # a lock nobody holds
+    open(commands.run_paths(run["relu", 4])['lock'], "w").write("process 999999 on n9\n")     # a lock nobody holds
     write_status(run["ABU", 1], state="complete", mb=122, val_top1=0.0, test_top1=0.3, diverged_at_mb=123,
                  activation_kernel="plain: DEEPNET_FUSED_ABU=0")
     write_status(run["ABU", 2], state="failed", mb=0, message="ValueError: boom")
@@ -647,26 +644,26 @@ def test_status_rows_of_odd_and_older_runs(tmp_path):
     write_status(run[1], state="paused", mb="12", message="odd")
     write_record(str(tmp_path), "exp", "a", 2, mb_count_total=300, settings={"n_minibatches": 1000},
                  val_top1_hist=[0.4], checkpoints=[0, 250])   # older run, no status.json; stopped at mb 300
-    os.makedirs(sv.run_dir(run[3]))
-    open(sv.log_path(run[3]), "w").write("error: the data are missing\n")      # launched, never got going
+    os.makedirs(commands.run_paths(run[3])['run_dir'])
+    open(commands.run_paths(run[3])['log'], "w").write("error: the data are missing\n")      # launched, never got going
     write_status(run[4], state="failed", message="")
     # diverged under an older suite, which did not test diverged runs: left to run (and then tested)
     write_status(run[5], state="diverged", mb=77, last_checkpoint_mb=60, message="diverged at minibatch 78 (loss nan)")
     write_record(str(tmp_path), "exp", "a", 6, mb_count_total=60, settings={"n_minibatches": 1000}, diverged=True,
                  diverged_at_mb=78, checkpoints=[0, 60])                       # the same, with no status.json
-    rows = {n: sv.run_status(run[n], "n1") for n in run}
+    rows = {n: status.run_status(run[n], "n1") for n in run}
     assert (rows[1]["state"], rows[1]["mb"]) == ("incomplete", 0)
     assert rows[1]["detail"] == "no checkpoint; odd; unknown state 'paused' in status.json"
     assert (rows[2]["state"], rows[2]["mb"], rows[2]["val"], rows[2]["resume_mb"]) == ("incomplete", 300, 0.4, 300)
     assert rows[2]["detail"] == "last checkpoint mb 300"
     assert rows[3]["state"] == "not started"
-    assert rows[3]["detail"] == f"no status file; its log may say why: {sv.log_path(run[3])}"
+    assert rows[3]["detail"] == f"no status file; its log may say why: {commands.run_paths(run[3])['log']}"
     assert (rows[4]["state"], rows[4]["detail"]) == ("failed", "failed")
     assert (rows[5]["state"], rows[5]["resume_mb"]) == ("incomplete", 60)
     assert rows[5]["detail"] == ("diverged at minibatch 78 (loss nan), not tested; the sweep retrains it to there and "
                                  "tests the best checkpoint before it")
     assert rows[6]["state"] == "incomplete" and rows[6]["detail"].startswith("diverged at minibatch 78, not tested")
-    assert [sv.run_state(run[n]) for n in (5, 6)] == ["todo", "todo"]
+    assert [state_of(run[n]) for n in (5, 6)] == ["incomplete", "incomplete"]
 
 
 def test_status_imports_nothing_heavy(tmp_path):
@@ -680,37 +677,53 @@ def test_status_imports_nothing_heavy(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_list_sweeps_dry_run_and_the_analysis_import_no_tensorflow(tmp_path):
+    """--dry-run times its steps in a child process (python -m deepnet.estimate): TensorFlow stays out of the
+    supervisor, as it does for --list-sweeps and import deepnet_analysis."""
+    code = ("import sys, deepnet_supervisor as sv; lines = []; sv.main(['--list-sweeps'], out=lines.append); "
+            f"sv.main(['--dry-run', '--sweep', 'demo', '--specs', 'relu', '--runs', '1', '--set', "
+            f"'path_relative={tmp_path}', '--set', 'minibatch_size=4', '--set', 'network=smcnLin'], out=lines.append); "
+            "import deepnet_analysis; print(lines[-1]); print('tensorflow' in sys.modules)")
+    result = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    estimate_line, imported = result.stdout.splitlines()[-2:]
+    assert re.fullmatch(r"1 runs, 250 minibatches in all; estimated wall time \d+:\d\d:\d\d with --workers 1 on this "
+                        r"machine \(per training step: smcnLin cifar10 1 function \d+ ms\)", estimate_line), estimate_line
+    assert imported == "False"
+    assert not list(tmp_path.iterdir())
+
+
 def test_status_eta_without_timings_and_when_nothing_is_left():
     row = {"spec": "a", "run": 1, "mb": 0, "n": 100, "val": None, "test": None, "seconds": None, "resume_mb": 0,
            "detail": ""}
-    assert sv.status_eta([dict(row, state="not started")], 1) == \
+    assert status.status_eta([dict(row, state="not started")], 1) == \
         "ETA unknown: no run has recorded its training time yet"
-    assert sv.status_eta([dict(row, state="complete"), dict(row, state="complete")], 1) == "nothing left to run"
+    assert status.status_eta([dict(row, state="complete"), dict(row, state="complete")], 1) == "nothing left to run"
     unfinished = dict(row, state="incomplete", mb=50, resume_mb=50, seconds=5.0)
-    assert sv.status_eta([unfinished], 1).startswith("ETA 0:00:05 with 1 workers: 100.0 ms per minibatch "
+    assert status.status_eta([unfinished], 1).startswith("ETA 0:00:05 with 1 workers: 100.0 ms per minibatch "
                                                      "measured on 1 unfinished run(s) so far, 50 minibatches left")
     running = [dict(unfinished, state="running", n=150, mb=50)] * 3
-    assert sv.status_eta(running, 1).startswith("ETA 0:00:10 with 3 workers (one per running run; --workers 1): ")
-    assert sv.on_which_machine("process 5 on n2", "n1") == "process 5 on n2 (another machine)"
+    assert status.status_eta(running, 1).startswith("ETA 0:00:10 with 3 workers (one per running run; --workers 1): ")
+    assert status.on_which_machine("process 5 on n2", "n1") == "process 5 on n2 (another machine)"
 
 
 # ---------------------------------------------------------------- ETA with several workers
 
 def test_finish_time_models_the_worker_slots():
-    assert sv.finish_time([], [60, 60], 2) == 60                     # two runs starting together end together
-    assert sv.finish_time([115], [115], 2) == 115                    # the demo sweep's [2/4]: not 2 x 115
-    assert sv.finish_time([], [10, 10, 10], 2) == 20
-    assert sv.finish_time([5], [10, 10], 1) == 25
-    assert sv.finish_time([30, 5], [10], 2) == 30
-    assert sv.finish_time([30, 20, 5], [10], 1) == 30                # more running runs than workers
-    assert sv.finish_time([], [], 3) == 0
+    assert status.finish_time([], [60, 60], 2) == 60                     # two runs starting together end together
+    assert status.finish_time([115], [115], 2) == 115                    # the demo sweep's [2/4]: not 2 x 115
+    assert status.finish_time([], [10, 10, 10], 2) == 20
+    assert status.finish_time([5], [10, 10], 1) == 25
+    assert status.finish_time([30, 5], [10], 2) == 30
+    assert status.finish_time([30, 20, 5], [10], 1) == 30                # more running runs than workers
+    assert status.finish_time([], [], 3) == 0
 
 
 def test_pool_eta_after_the_last_runs_start_together(tmp_path):
     runs = [sv.run_settings(sv.SETTINGS, {}, {"path_relative": str(tmp_path)}, "exp", "a", n) for n in (1, 2, 3, 4)]
-    pool = sv.LocalPool(runs[3:], 2)
+    pool = local.LocalPool(runs[3:], 2)
     pool.durations = [115.0, 115.0]
-    pool.running = {object(): (runs[2], None, time.monotonic(), 0)}   # run 3 has just started, run 4 waits
+    pool.running = {object(): (runs[2], None, time.monotonic())}   # run 3 has just started, run 4 waits
     assert 114 <= pool._eta() <= 115
 
 
@@ -720,13 +733,13 @@ def test_missing_data_falls_back_to_synthetic_with_one_line(tmp_path):
     import deepnet_task_cifar_preprocessing as prep
     settings = dict(sv.SETTINGS, path_relative=str(tmp_path))
     with pytest.raises(sv.UserError, match="download or preprocessing failed"):
-        sv.ensure_data(settings, synthetic_fallback=False, out=lambda line: None)
+        local.ensure_data(settings, synthetic_fallback=False, out=lambda line: None)
     lines = []
-    sv.ensure_data(settings, synthetic_fallback=True, out=lines.append)
+    local.ensure_data(settings, synthetic_fallback=True, out=lines.append)
     assert sum("download of cifar10 failed" in line and "synthetic" in line for line in lines) == 1
     assert all(os.path.isfile(p) for p in prep.output_paths(str(tmp_path), "cifar10", "ztrans"))
     lines = []
-    sv.ensure_data(settings, synthetic_fallback=True, out=lines.append)
+    local.ensure_data(settings, synthetic_fallback=True, out=lines.append)
     assert len(lines) == 1 and lines[0].startswith("note:") and "synthetic" in lines[0]
 
 
@@ -820,7 +833,7 @@ def test_a_sweep_without_a_compiler_says_so_once_up_front(tmp_path):
     assert "ABU runs will take about 2x as long" in lines[warnings[0]]
     assert warnings[0] < next(i for i, line in enumerate(lines) if line.startswith("running 1 run(s)"))
     settings = sv.run_settings(sv.SETTINGS, {}, {"path_relative": root}, "nocxx", "ABU", 1)
-    status = json.load(open(sv.status_path(settings)))
+    status = json.load(open(commands.run_paths(settings)['status']))
     assert status["state"] == "complete" and status["activation_kernel"].startswith(
         "plain: compiling deepnet_abu_op.cc failed: no C++ compiler")
     shown = run_supervisor(["--status", *args], env=env)

@@ -15,6 +15,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
+from deepnet import outputs, run_folder  # noqa: E402
 from conftest import run_settings
 from deepnet_util import load_pickle
 import deepnet_analysis
@@ -32,14 +33,14 @@ def experiment(tmp_path_factory):
     for spec, overrides in SPECS.items():
         s = run_settings(root, spec_name=spec, n_minibatches=40, walltime=1e-4 if spec == "ABU" else 0, **overrides)
         sessions = 0
-        while not os.path.exists(task.run_paths(s)["record"]) or not load_pickle(task.run_paths(s)["record"])[
+        while not os.path.exists(run_folder.run_paths(s)["record"]) or not load_pickle(run_folder.run_paths(s)["record"])[
                 "test_completed"]:
             assert task.run_training(s, out=lambda line: None) == 0
             sessions += 1
         assert sessions == (3 if spec == "ABU" else 1)
         settings[spec] = s
-    deepnet_analysis.analyse_experiment(task.experiment_dir(settings["relu"]), out=lambda line: None)
-    config = [hparams_data(e).experiment for e in events(os.path.join(task.experiment_dir(settings["relu"]),
+    deepnet_analysis.analyse_experiment(run_folder.experiment_dir(settings["relu"]), out=lambda line: None)
+    config = [hparams_data(e).experiment for e in events(os.path.join(run_folder.experiment_dir(settings["relu"]),
                                                                      "0_summaries")) if hparams_data(e)]
     return root, settings, [info.name for info in config[0].hparam_infos]
 
@@ -59,9 +60,9 @@ def hparams_data(event):
 def test_each_run_logs_its_hparams_once_and_its_metrics(experiment):
     root, settings, _ = experiment
     for spec, s in settings.items():
-        record = load_pickle(task.run_paths(s)["record"])
+        record = load_pickle(run_folder.run_paths(s)["record"])
         starts, metrics = [], {}
-        for event in events(task.run_paths(s)["summaries"]):
+        for event in events(run_folder.run_paths(s)["summaries"]):
             data = hparams_data(event)
             if data is not None and data.HasField("session_start_info"):
                 starts.append(data.session_start_info)
@@ -81,16 +82,16 @@ def test_each_run_logs_its_hparams_once_and_its_metrics(experiment):
 
 def test_experiment_config_names_differing_and_standard_settings(experiment):
     root, settings, shown = experiment
-    folder = os.path.join(task.experiment_dir(settings["relu"]), "0_summaries")
+    folder = os.path.join(run_folder.experiment_dir(settings["relu"]), "0_summaries")
     configs = [hparams_data(e).experiment for e in events(folder) if hparams_data(e) is not None]
     assert len(configs) == 1
     names = [info.name for info in configs[0].hparam_infos]
     assert names == shown and names[0] == "spec_name"  # written by the analysis
     assert {"af_set", "blend_trainable", "swish_beta_trainable", "walltime"} - set(names) == {"walltime"}
-    assert set(task.ALWAYS_SHOWN_HPARAMS) <= set(names) and "n_minibatches" not in names  # same for both specs
-    assert [m.name.tag for m in configs[0].metric_infos] == list(task.HPARAM_METRICS)
-    assert task.write_hparams_config(task.experiment_dir(settings["relu"]), settings) == shown  # again: replaces
-    assert len(glob.glob(os.path.join(folder, f"*{task.HPARAMS_CONFIG_SUFFIX}"))) == 1
+    assert set(outputs.ALWAYS_SHOWN_HPARAMS) <= set(names) and "n_minibatches" not in names  # same for both specs
+    assert [m.name.tag for m in configs[0].metric_infos] == list(outputs.HPARAM_METRICS)
+    assert outputs.write_hparams_config(run_folder.experiment_dir(settings["relu"]), settings) == shown  # again: replaces
+    assert len(glob.glob(os.path.join(folder, f"*{outputs.HPARAMS_CONFIG_SUFFIX}"))) == 1
 
 
 def free_port():
@@ -108,7 +109,7 @@ def fetch(url, body=None, timeout=10):
 
 def test_tensorboard_serves_runs_scalars_and_hparams(experiment):
     root, settings, shown = experiment
-    logdir = os.path.join(task.experiment_dir(settings["relu"]), "0_summaries")
+    logdir = os.path.join(run_folder.experiment_dir(settings["relu"]), "0_summaries")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
                                "--port", str(port), "--reload_interval", "1"],
@@ -130,16 +131,16 @@ def test_tensorboard_serves_runs_scalars_and_hparams(experiment):
         assert "smcnLin/conv1/blend_weights/mean" in tags["ABU_1"]
         experiment_info = fetch(f"{base}/plugin/hparams/experiment", {"experimentName": ""})
         assert sorted(info["name"] for info in experiment_info["hparamInfos"]) == sorted(shown)
-        assert {m["name"]["tag"] for m in experiment_info["metricInfos"]} == set(task.HPARAM_METRICS)
+        assert {m["name"]["tag"] for m in experiment_info["metricInfos"]} == set(outputs.HPARAM_METRICS)
         groups = fetch(f"{base}/plugin/hparams/session_groups", {
             "experimentName": "", "startIndex": 0, "sliceSize": 100, "allowedStatuses": [
                 "STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
             "colParams": [{"hparam": name} for name in shown] +
-                         [{"metric": {"tag": tag}} for tag in task.HPARAM_METRICS]})["sessionGroups"]
+                         [{"metric": {"tag": tag}} for tag in outputs.HPARAM_METRICS]})["sessionGroups"]
         assert len(groups) == 2
         for group in groups:
             spec = group["hparams"]["spec_name"]
-            record = load_pickle(task.run_paths(settings[spec])["record"])
+            record = load_pickle(run_folder.run_paths(settings[spec])["record"])
             values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
             assert values["hparams/test_top1"] == pytest.approx(record["test_top1"])
             assert values["hparams/early_stopping_mb"] == record["early_stopping_mb"]

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from deepnet import data, run_folder, schedule, trainer  # noqa: E402
 from conftest import assert_same, run_settings
 from deepnet_util import load_pickle
 import deepnet_main
@@ -16,7 +17,7 @@ def train(settings, lines=None):
 
 
 def record_of(settings):
-    return load_pickle(task.run_paths(settings)["record"])
+    return load_pickle(run_folder.run_paths(settings)["record"])
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -25,7 +26,7 @@ def record_of(settings):
     (50000, 0.05, 256, 2560), (50000, 0.05, 100, 2500), (1000, 0.05, 16, 48), (320, 0.05, 16, 16),
     (320, 0.01, 16, 16), (320, 0.2, 16, 64)])
 def test_validation_size_is_nearest_multiple_of_minibatch(n, fraction, batch, expected):
-    assert task.validation_size(n, fraction, batch) == expected
+    assert data.validation_size(n, fraction, batch) == expected
 
 
 def original_validation_samples(n_total_samples, val_set_fraction, minibatch_size):
@@ -42,31 +43,31 @@ def original_validation_samples(n_total_samples, val_set_fraction, minibatch_siz
     (50000, 0.05, 256), (50000, 0.1, 256), (50000, 0.05, 128), (50000, 0.0256, 256), (50000, 0.00768, 256),
     (5000, 0.02, 40), (50000, 0.05, 200), (1000, 0.13, 20)])
 def test_validation_size_is_the_originals(n, fraction, batch):
-    assert task.validation_size(n, fraction, batch) == original_validation_samples(n, fraction, batch)
+    assert data.validation_size(n, fraction, batch) == original_validation_samples(n, fraction, batch)
 
 
 def test_split_is_disjoint_complete_and_seeded(tiny_root):
     s = run_settings(tiny_root)
-    train_idx, val_idx = task.make_split(320, s)
+    train_idx, val_idx = data.make_split(320, s)
     assert len(val_idx) == 16 and len(train_idx) == 304
     assert sorted(np.concatenate([train_idx, val_idx]).tolist()) == list(range(320))
-    again = task.make_split(320, s)
+    again = data.make_split(320, s)
     assert np.array_equal(again[1], val_idx)
-    other = task.make_split(320, dict(s, seed=s["seed"] + 1))
+    other = data.make_split(320, dict(s, seed=s["seed"] + 1))
     assert not np.array_equal(other[1], val_idx)
 
 
 def test_no_validation_split_when_disabled(tiny_root):
     s = run_settings(tiny_root, create_val_set=False)
-    train_idx, val_idx = task.make_split(320, s)
+    train_idx, val_idx = data.make_split(320, s)
     assert len(val_idx) == 0 and len(train_idx) == 320
 
 
 def test_epoch_order_reshuffles_every_epoch(tiny_root):
     s = run_settings(tiny_root)
-    first, second = task.epoch_order(s, 0, 100), task.epoch_order(s, 1, 100)
+    first, second = data.epoch_order(s, 0, 100), data.epoch_order(s, 1, 100)
     assert sorted(first.tolist()) == list(range(100)) and not np.array_equal(first, second)
-    assert np.array_equal(first, task.epoch_order(s, 0, 100))
+    assert np.array_equal(first, data.epoch_order(s, 0, 100))
 
 
 # ---------------------------------------------------------------- transcriptions of the original's functions
@@ -160,12 +161,12 @@ def test_learning_rate_is_the_originals_at_and_around_every_boundary(kind, overr
     mbs = sorted({mb for b in boundaries for mb in range(max(b - 3, 1), b + 4)} | {1, 2, 100, 59999, 60000, 70000})
     original = OriginalSettings(s)
     for mb in mbs:
-        assert task.learning_rate(s, mb, 50000) == original_lr_scheduler(original, mb), f"mb {mb}"
+        assert schedule.learning_rate(s, mb, 50000) == original_lr_scheduler(original, mb), f"mb {mb}"
 
 
 def test_step_multipliers_are_absolute():
     s = dict(CIFAR, lr_schedule_type="step")  # boundaries at 200, 250, 300 epochs of 185 minibatches
-    rates = [task.learning_rate(s, mb, 50000) for mb in (37000 - 1, 37000, 46250, 55500, 80000)]
+    rates = [schedule.learning_rate(s, mb, 50000) for mb in (37000 - 1, 37000, 46250, 55500, 80000)]
     assert rates == [0.001, 0.001 * 0.1, 0.001 * 0.01, 0.001 * 0.001, 0.001 * 0.001]
 
 
@@ -175,32 +176,32 @@ def test_step_multipliers_are_absolute():
 def test_checkpoints_are_the_originals(n_images, fraction, batch, n, epochs):
     s = dict(val_set_fraction=fraction, minibatch_size=batch, n_minibatches=n, epochs_between_checkpoints=epochs,
              create_checkpoints=False)  # as in the original, the flag does not change the checkpoints
-    assert task.checkpoint_mbs(s, n_images) == original_get_checkpoints(n_images, fraction, batch, n, epochs)
+    assert schedule.checkpoint_mbs(s, n_images) == original_get_checkpoints(n_images, fraction, batch, n, epochs)
 
 
 @pytest.mark.parametrize("n_saves, n", [(10, 60000), (10, 5), (2, 24), (1, 7), (3, 2), (0, 10), (7, 1)])
 def test_weight_saves_are_the_originals_distinct_rounded_points(n_saves, n):
     original = np.around(np.linspace(1, n, num=n_saves, endpoint=True)).tolist()
-    assert task.weight_save_mbs(n_saves, n) == {int(mb) for mb in original}
+    assert schedule.weight_save_mbs(n_saves, n) == {int(mb) for mb in original}
 
 
 @pytest.mark.parametrize("n", [60000, 3000, 20, 21, 7])
 def test_validations_are_where_the_original_validates(n):
-    assert task.validation_mbs({"n_minibatches": n, "val_every": 20}) == original_validation_mbs(n)
+    assert schedule.validation_mbs({"n_minibatches": n, "val_every": 20}) == original_validation_mbs(n)
 
 
 def test_smoothing_is_the_originals():
     rng = np.random.default_rng(1)
     values = rng.random(301).tolist()
     for window in (2, 3, 10, 11, 105, 400):
-        np.testing.assert_array_equal(task.smooth(values, window), original_smooth(values, window, 3))
+        np.testing.assert_array_equal(schedule.smooth(values, window), original_smooth(values, window, 3))
 
 
 @pytest.mark.parametrize("n", [60000, 30000, 5000, 3000])
 def test_smoothing_window_is_the_originals_integer_arithmetic(n):
     val_mbs = original_validation_mbs(n)
     mb_per_val = val_mbs[-1] // len(val_mbs)
-    assert task.smoothing_window(val_mbs) == min(2000, max(n // 10, 500)) // mb_per_val
+    assert schedule.smoothing_window(val_mbs) == min(2000, max(n // 10, 500)) // mb_per_val
 
 
 def _curve(val_mbs, seed, peak):
@@ -220,7 +221,7 @@ def test_early_stopping_is_the_originals(n, epochs, seed, peak):
     val_mbs = original_validation_mbs(n)
     checkpoints = original_get_checkpoints(50000, 0.05, 256, n, epochs)
     curve = _curve(val_mbs, seed, peak)
-    best, smoothed = task.early_stopping_mb(_record(checkpoints, val_mbs, curve), val_mbs)
+    best, smoothed = schedule.early_stopping_mb(_record(checkpoints, val_mbs, curve), val_mbs)
     assert best == original_early_stopping_minibatch(curve, val_mbs, checkpoints)
     mb_per_val = val_mbs[-1] // len(val_mbs)
     window = min(2000, max(n // 10, 500)) // mb_per_val
@@ -233,7 +234,7 @@ def test_exact_tie_goes_to_the_later_checkpoint():
     curve = _curve(val_mbs, 5, 0.5)
     checkpoints = [0, 100, 200]
     assert original_early_stopping_minibatch(curve, val_mbs, checkpoints) == 0
-    assert task.early_stopping_mb(_record(checkpoints, val_mbs, curve), val_mbs)[0] == 200
+    assert schedule.early_stopping_mb(_record(checkpoints, val_mbs, curve), val_mbs)[0] == 200
 
 
 @pytest.mark.parametrize("n, seed", [(6000, 0), (60000, 1), (3000, 2)])
@@ -241,21 +242,21 @@ def test_scores_called_final_never_change_and_pruning_never_drops_the_winner(n, 
     val_mbs = original_validation_mbs(n)
     checkpoints = original_get_checkpoints(50000, 0.05, 256, n, 1)
     curve = _curve(val_mbs, seed, 0.4)
-    final_scores, _ = task.checkpoint_scores(_record(checkpoints, val_mbs, curve), val_mbs)
-    winner = task.early_stopping_mb(_record(checkpoints, val_mbs, curve), val_mbs)[0]
+    final_scores, _ = schedule.checkpoint_scores(_record(checkpoints, val_mbs, curve), val_mbs)
+    winner = schedule.early_stopping_mb(_record(checkpoints, val_mbs, curve), val_mbs)[0]
     for k, c in enumerate(checkpoints):  # the state right after checkpoint c was written
         done = len([m for m in val_mbs if m <= c])
         partial = _record(checkpoints[:k + 1], val_mbs[:done], curve[:done])
-        scores, _ = task.checkpoint_scores(partial, val_mbs)
+        scores, _ = schedule.checkpoint_scores(partial, val_mbs)
         assert all(scores[mb] == final_scores[mb] for mb in scores)
-        assert winner not in checkpoints[:k + 1] or winner in task.checkpoints_to_keep(partial, val_mbs)
-    assert task.checkpoints_to_keep(_record(checkpoints, val_mbs, curve), val_mbs) == {winner}
+        assert winner not in checkpoints[:k + 1] or winner in schedule.checkpoints_to_keep(partial, val_mbs)
+    assert schedule.checkpoints_to_keep(_record(checkpoints, val_mbs, curve), val_mbs) == {winner}
 
 
 def test_early_stopping_without_validation_split_takes_last_checkpoint():
     record = _record([0, 10, 20], [0, 10, 20], [0.9, 0.1, 0.2])
     record["settings"]["create_val_set"] = False
-    assert task.early_stopping_mb(record, [0, 10, 20])[0] == 20
+    assert schedule.early_stopping_mb(record, [0, 10, 20])[0] == 20
 
 
 # ---------------------------------------------------------------- whole runs
@@ -264,7 +265,7 @@ def test_end_to_end_run_writes_everything_and_keeps_only_the_tested_model(tiny_r
     s = run_settings(tiny_root, create_lc_on_the_fly=True)
     lines = []
     assert train(s, lines) == 0
-    paths = task.run_paths(s)
+    paths = run_folder.run_paths(s)
     record = record_of(s)
     assert record["training_completed"] and record["test_completed"] and not record["diverged"]
     assert record["train_mb_n_hist"] == list(range(1, 25))
@@ -278,7 +279,7 @@ def test_end_to_end_run_writes_everything_and_keeps_only_the_tested_model(tiny_r
     status = [line for line in lines if " | mb " in line]
     assert len(status) == len(record["val_mb_n_hist"]) and "test of the model of minibatch" in lines[-1]
     assert "accuracy per class: 1: " in lines[-1] and " | 10: " in lines[-1]
-    assert list(task.checkpoint_dirs(paths["models"])) == [record["early_stopping_mb"]]
+    assert list(run_folder.checkpoint_dirs(paths["models"])) == [record["early_stopping_mb"]]
     assert not glob.glob(os.path.join(paths["models"], "*", "state.*"))
     assert not os.path.exists(paths["split"])
     for key in ("run_info", "learning_curves", "early_stopping"):
@@ -314,7 +315,7 @@ def test_walltime_stops_at_checkpoints_and_resume_is_exact(tmp_path):
     reference = run_settings(tmp_path, spec_name="ref", n_minibatches=40, create_lc_on_the_fly=True)
     assert train(reference) == 0
     limited = dict(reference, spec_name="wall", walltime=1e-4)
-    paths = task.run_paths(limited)
+    paths = run_folder.run_paths(limited)
     stops = 0
     while True:
         lines = []
@@ -335,7 +336,7 @@ def test_walltime_stops_at_checkpoints_and_resume_is_exact(tmp_path):
 def test_rerun_of_complete_run_does_nothing(tiny_root):
     s = run_settings(tiny_root, n_minibatches=8)
     assert train(s) == 0
-    paths = task.run_paths(s)
+    paths = run_folder.run_paths(s)
     before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(paths["exp"], "**"), recursive=True)
               if os.path.isfile(p) and not p.endswith(".lock")}
     lines = []
@@ -347,7 +348,7 @@ def test_rerun_of_complete_run_does_nothing(tiny_root):
 
 def test_folder_with_run_info_but_no_checkpoint_is_not_overwritten(tiny_root):
     s = run_settings(tiny_root)
-    paths = task.run_paths(s)
+    paths = run_folder.run_paths(s)
     os.makedirs(paths["run_dir"])
     with open(paths["run_info"], "w") as handle:
         handle.write("from an earlier run\n")
@@ -383,10 +384,10 @@ def original_test_in_session(run_batch, images, labels, minibatch_size):
 
 def test_batch_norm_with_batch_statistics_evaluates_the_originals_minibatches(tiny_root):
     s = run_settings(tiny_root, network="smcnBN")
-    assert task.evaluation_batches(40, s) == [slice(0, 16), slice(16, 32)]         # the 8 left over: left out
-    assert task.evaluation_batches(10, s) == [slice(0, 10)]
-    assert task.evaluation_batches(40, dict(s, bn_inference="moving_averages")) == [slice(0, 40)]
-    assert task.evaluation_batches(1200, dict(s, network="smcnLin")) == [slice(0, 500), slice(500, 1000),
+    assert trainer.evaluation_batches(40, s) == [slice(0, 16), slice(16, 32)]         # the 8 left over: left out
+    assert trainer.evaluation_batches(10, s) == [slice(0, 10)]
+    assert trainer.evaluation_batches(40, dict(s, bn_inference="moving_averages")) == [slice(0, 40)]
+    assert trainer.evaluation_batches(1200, dict(s, network="smcnLin")) == [slice(0, 500), slice(500, 1000),
                                                                           slice(1000, 1200)]
     rng = np.random.default_rng(4)
     images, labels = rng.normal(size=(40, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 40)
@@ -396,7 +397,7 @@ def test_batch_norm_with_batch_statistics_evaluates_the_originals_minibatches(ti
         init = task.tf.global_variables_initializer()
     with task.tf.Session(graph=graph) as sess:
         sess.run(init)
-        result = task.evaluate(sess, model, images, labels, s)
+        result = trainer.evaluate(sess, model, images, labels, s)
 
         def run_batch(batch_images, batch_labels):
             return sess.run([model.loss, model.top1], {model.inputs.images: batch_images,
@@ -434,10 +435,10 @@ def test_all_weights_file_holds_every_trainable_variable_of_the_saved_model(tiny
     import tensorflow as tf
     s = _abu_settings(tiny_root, safe_all_ws_n=2)
     assert train(s) == 0
-    record, paths = record_of(s), task.run_paths(s)
+    record, paths = record_of(s), run_folder.run_paths(s)
     es = record["early_stopping_mb"]
     saved = load_pickle(os.path.join(paths["all_weights"], f"all_weights_spec_run_1_mb_{es}.pkl"))
-    reader = tf.train.load_checkpoint(os.path.join(task.checkpoint_dirs(paths["models"])[es], "model"))
+    reader = tf.train.load_checkpoint(os.path.join(run_folder.checkpoint_dirs(paths["models"])[es], "model"))
     shapes = reader.get_variable_to_shape_map()
     expected = {f"{name}:0" for name in shapes if "/bn" not in name}
     assert set(saved) == expected and len(saved) == 4 * 7 - 2  # weights, biases (7 layers), blend, beta (6)
@@ -453,7 +454,7 @@ def test_all_weights_file_holds_every_trainable_variable_of_the_saved_model(tiny
 def test_af_weights_files_are_the_originals_format(tiny_root):
     s = _abu_settings(tiny_root, safe_af_ws_n=3)
     assert train(s) == 0
-    folder = os.path.join(task.run_paths(s)["exp"], "0_af_weights")
+    folder = os.path.join(run_folder.run_paths(s)["exp"], "0_af_weights")
     es = record_of(s)["early_stopping_mb"]
     assert sorted(f for f in os.listdir(folder) if f.endswith(".pkl")) == sorted(
         f"af_weights_spec_run_1_mb_{mb}.pkl" for mb in {1, 12, 24, es})  # round(linspace(1, 24, 3)), test mb
@@ -473,7 +474,7 @@ def test_af_weights_files_are_the_originals_format(tiny_root):
 def test_short_runs_work_with_every_other_flag_at_its_default(tiny_root):
     s = run_settings(tiny_root, n_minibatches=5, safe_af_ws_n=10, safe_all_ws_n=2, blend_trainable=True)
     assert train(s) == 0
-    folder = os.path.join(task.run_paths(s)["exp"], "0_af_weights")
+    folder = os.path.join(run_folder.run_paths(s)["exp"], "0_af_weights")
     assert sorted(int(f.split("_mb_")[1][:-4]) for f in os.listdir(folder) if f.endswith(".pkl")) \
         == sorted({1, 2, 3, 4, 5} | {record_of(s)["early_stopping_mb"]})
 
@@ -516,7 +517,7 @@ def test_pickles_of_the_original_preprocessing_are_accepted(tmp_path, dtype):
         with open(path, "wb") as f:
             pickle.dump({'labels': _original_array_to_list(labels), 'images': _original_array_to_list(images)}, f,
                         protocol=pickle.HIGHEST_PROTOCOL)
-        loaded, loaded_labels = task.load_dataset(str(path), 10)
+        loaded, loaded_labels = data.load_dataset(str(path), 10)
         assert loaded.dtype == np.float32 and loaded.shape == (n, 32, 32, 3)
         np.testing.assert_array_equal(loaded, images.astype(np.float32))
         np.testing.assert_array_equal(loaded_labels, labels)
@@ -527,7 +528,7 @@ def test_pickles_of_the_original_preprocessing_are_accepted(tmp_path, dtype):
 def test_status_file_follows_the_run(tiny_root):
     import json
     s = run_settings(tiny_root, n_minibatches=40, walltime=1e-4)
-    paths = task.run_paths(s)
+    paths = run_folder.run_paths(s)
     assert train(s) == 0
     status = json.load(open(paths["status"]))
     assert status["state"] == "incomplete" and status["message"] == "walltime reached"
@@ -546,10 +547,10 @@ def test_tensorboard_summaries_every_20_minibatches_and_a_start_marker_on_resume
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     s = run_settings(tiny_root, n_minibatches=45, walltime=1e-4, af_set="5_blend5_swish",
                      blend_trainable=True, swish_beta_trainable=True)
-    while not os.path.exists(task.run_paths(s)["record"]) or not record_of(s)["test_completed"]:
+    while not os.path.exists(run_folder.run_paths(s)["record"]) or not record_of(s)["test_completed"]:
         assert train(s) == 0
     steps, tags, starts = {}, set(), []
-    for path in glob.glob(os.path.join(task.run_paths(s)["summaries"], "events.*")):
+    for path in glob.glob(os.path.join(run_folder.run_paths(s)["summaries"], "events.*")):
         for event in EventFileLoader(path).Load():
             if event.HasField("session_log"):
                 starts.append(event.step)
@@ -594,7 +595,7 @@ def test_a_training_run_uses_and_records_the_kernel_built_here(tiny_root, af_set
     import deepnet_network as net
     s = run_settings(tiny_root, af_set=af_set, blend_trainable=True, n_minibatches=8)
     assert train(s) == 0
-    record, status = record_of(s), json.load(open(task.run_paths(s)["status"]))
+    record, status = record_of(s), json.load(open(run_folder.run_paths(s)["status"]))
     expected = expected_activation_kernel(af_set)
     if expected is None:                                          # no compiler: the reason is recorded
         assert record["activation_kernel"].startswith("plain: compiling deepnet_abu_op.cc failed: no C++ compiler")

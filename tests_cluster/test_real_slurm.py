@@ -9,6 +9,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
+from conftest import state_of  # noqa: E402
+from deepnet import commands  # noqa: E402
 from test_supervisor import TINY, sv, tiny_synthetic_root  # noqa: E402
 
 
@@ -26,12 +28,12 @@ def test_real_slurm_sweep(tmp_path, monkeypatch):
     records = [os.path.join(root, "3_output_cifar", "slurm", "relu", f"run_{r}", f"record_relu_run_{r}.pkl")
                for r in (1, 2)]
     settings = [sv.run_settings(sv.SETTINGS, {}, {"path_relative": root}, "slurm", "relu", r) for r in (1, 2)]
-    while time.time() < deadline and not all(sv.run_state(s) == "complete" for s in settings):
+    while time.time() < deadline and not all(state_of(s) == "complete" for s in settings):
         time.sleep(2)
     assert all(os.path.isfile(p) for p in records)
-    assert all(sv.run_state(s) == "complete" for s in settings)
+    assert all(state_of(s) == "complete" for s in settings)
     for s in settings:
-        log = open(sv.log_path(s)).read()
+        log = open(commands.run_paths(s)["log"]).read()
         assert "task " in log and "-walltime 10" in log and "test of the model of minibatch" in log
     lines = []
     assert sv.main(args, out=lines.append) == 0                    # all complete: analysis only

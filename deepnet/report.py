@@ -1,4 +1,4 @@
-"""The one-page report of an analysed experiment: EXP/0_analysis/report.html (written by deepnet_analysis).
+"""The one-page report of an analysed experiment: EXP/0_analysis/report.html (deepnet_analysis.analyse_experiment).
 
 One self-contained file: the plots are embedded as base64 PNG data URIs and the style sheet is inline, so it opens
 in any browser without a network. Top: the comparison table; then the experiment's validation curves and the
@@ -22,6 +22,7 @@ import subprocess
 
 import numpy as np
 
+from deepnet import datasets
 from deepnet_util import save_text
 
 GIT_TIMEOUT_S = 5
@@ -119,20 +120,17 @@ def anchor(spec):
 
 # ---------------------------------------------------------------- the comparison table
 
-def comparison_rows(specs, performance, significance, excluded, reference, diverged=()):
+def comparison_rows(analysis):
     """Per spec: counts and its CSV rows; analysed specs sorted by mean test acc (best first), then the others.
-    diverged: the analysed runs that diverged (counted with the untested diverged runs, which are excluded)."""
-    by_perf = {row["spec_name"]: row for row in performance}
-    by_sig = {row["spec_name"]: row for row in significance or []}
+    Diverged: the analysed runs that diverged, counted with the untested diverged runs (which are excluded)."""
+    by_sig = {row["spec_name"]: row for row in analysis.significance or []}
     rows = []
-    for spec in specs:
-        gone = [row for row in excluded if row["spec_name"] == spec]
-        rows.append({"spec": spec, "perf": by_perf.get(spec), "sig": by_sig.get(spec),
-                     "analysed": by_perf[spec]["n_runs"] if spec in by_perf else 0,
-                     "excluded": sum(row["category"] != "diverged" for row in gone),
-                     "diverged": sum(row["category"] == "diverged" for row in gone)
-                     + sum(row["spec_name"] == spec for row in diverged),
-                     "reference": spec == reference})
+    for spec, result in analysis.specs.items():
+        rows.append({"spec": spec, "perf": result.row, "sig": by_sig.get(spec), "analysed": len(result.runs),
+                     "excluded": sum(row["category"] != "diverged" for row in result.excluded),
+                     "diverged": sum(row["category"] == "diverged" for row in result.excluded)
+                     + len(result.diverged if result.runs else []),
+                     "reference": spec == analysis.reference})
     analysed = sorted((r for r in rows if r["perf"]), key=lambda r: (-r["perf"]["test acc [mean]"], r["spec"]))
     return analysed + [r for r in rows if not r["perf"]]
 
@@ -219,24 +217,22 @@ def data_roots(exp_dir, run_settings):
 
 def data_section(exp_dir, settings):
     """The data variant(s) of the analysed runs with their preprocessing sidecars, or where they were looked for."""
-    import deepnet_task_cifar_preprocessing as prep
     every = [s for runs in settings.values() for s in runs]
     variants = sorted({(s.get("task", "cifar10"), s.get("preprocessing", "ztrans")) for s in every})
     parts = [element("h3", "Data")]
     for task, variant in variants:
         roots = data_roots(exp_dir, every)
-        found = next((root for root in roots if os.path.isfile(prep.sidecar_path(prep.output_paths(root, task,
-                                                                                                    variant)[0]))),
-                     None)
+        found = next((root for root in roots
+                      if os.path.isfile(datasets.sidecar_path(datasets.output_paths(root, task, variant)[0]))), None)
         parts.append(element("p", esc(f"task {task}, preprocessing {variant}")))
         if found is None:
-            tried = [prep.sidecar_path(prep.output_paths(root, task, variant)[0]) for root in roots]
+            tried = [datasets.sidecar_path(datasets.output_paths(root, task, variant)[0]) for root in roots]
             parts.append(element("p", esc("No preprocessing sidecar found (data prepared by an older "
                                           "preprocessing, or moved); looked for: " + ", ".join(tried)),
                                  class_="missing"))
             continue
-        for pickle_path in prep.output_paths(found, task, variant):
-            parts.append(sidecar_table(prep.sidecar_path(pickle_path)))
+        for pickle_path in datasets.output_paths(found, task, variant):
+            parts.append(sidecar_table(datasets.sidecar_path(pickle_path)))
     return "".join(parts)
 
 
@@ -305,7 +301,7 @@ def kernel_section(kernels):
 
 
 def provenance_section(exp_dir, settings, kernels=None):
-    suite = os.path.dirname(os.path.abspath(__file__))
+    suite = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows = [["experiment folder", os.path.abspath(exp_dir)],
             ["suite", suite],
             ["suite git commit", git_state(suite)],
@@ -330,12 +326,11 @@ def figure(path, caption, why_missing=None):
     return element("p", esc(f"{caption}: not available ({why_missing or 'no plot'})"), class_="missing")
 
 
-def write_report(path, exp_dir, reference, specs, performance, significance, excluded, warnings,
-                 experiment_plot, spec_plots, settings, diverged=(), kernels=None):
-    """Write the report to path and return path. Inputs are deepnet_analysis's rows, plots, run settings,
-    analysed diverged runs and activation implementations (kernel_section)."""
+def write_report(path, analysis):
+    """Write the report of analysis (deepnet_analysis.ExperimentAnalysis) to path and return path."""
+    exp_dir, reference, significance = analysis.exp_dir, analysis.reference, analysis.significance
     experiment = os.path.basename(os.path.normpath(exp_dir))
-    rows = comparison_rows(specs, performance, significance, excluded, reference, diverged)
+    rows = comparison_rows(analysis)
     parts = [element("h1", esc(f"Experiment {experiment}")),
              element("p", esc(f"{os.path.abspath(exp_dir)} — reference spec: {reference}"), class_="note"),
              element("h2", "Comparison"), comparison_table(rows),
@@ -351,14 +346,17 @@ def write_report(path, exp_dir, reference, specs, performance, significance, exc
     if significance is None:
         parts.append(element("p", esc(f"No significance tests: the reference spec '{reference}' has no analysed run."),
                              class_="missing"))
-    notes = [f"{row['spec_name']} run {row['run']}: {row['reason']}" for row in excluded] + list(warnings)
+    notes = [f"{row['spec_name']} run {row['run']}: {row['reason']}" for row in analysis.excluded]
+    notes += analysis.warnings
     notes += [f"{row['spec_name']} run {row['run']}: diverged at mb {row['diverged_at_mb']}; tested from mb "
-              f"{row['early_stopping_mb']} and counted" for row in diverged]
+              f"{row['early_stopping_mb']} and counted" for row in analysis.diverged]
     if notes:
         parts += [element("h3", "Runs left out, diverged runs and warnings"),
                   element("ul", "".join(element("li", esc(note)) for note in notes))]
+    spec_plots = {result.spec: result.plots for result in analysis.analysed}
     parts += [element("h2", "Validation curves"),
-              figure(experiment_plot, f"Mean validation accuracy over runs per spec ({experiment})", "no analysed run"),
+              figure(analysis.experiment_plot, f"Mean validation accuracy over runs per spec ({experiment})",
+                     "no analysed run"),
               element("h2", "Per spec"),
               element("p", " · ".join(element("a", esc(r["spec"]), href="#" + anchor(r["spec"]))
                                       for r in rows if r["spec"] in spec_plots))]
@@ -371,6 +369,8 @@ def write_report(path, exp_dir, reference, specs, performance, significance, exc
         for kind, caption in SPEC_PLOTS:
             plot_path, why = plots.get(kind, (None, "not made"))
             parts.append(figure(plot_path, f"{row['spec']}: {caption}", why))
+    settings = {result.spec: result.settings for result in analysis.analysed}
+    kernels = {result.spec: result.kernels for result in analysis.analysed}
     parts.append(provenance_section(exp_dir, settings, kernels))
     head = element("head", '<meta charset="utf-8">' + element("title", esc(f"{experiment}: analysis"))
                    + element("style", STYLE))
