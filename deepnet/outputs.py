@@ -9,7 +9,7 @@ import re
 import time
 
 from deepnet import run_folder
-from deepnet_util import save_json, save_pickle, save_text
+from deepnet_util import atomic_open, save_json, save_pickle, save_text
 
 AF_VARIABLE = re.compile(r".+/(blend_weights_raw|swish_beta):0")
 TRAINABLE_VARIABLES = "trainable_variables"   # TF's graph collection (tf.GraphKeys.TRAINABLE_VARIABLES)
@@ -137,12 +137,21 @@ def write_hparams_config(exp_dir, settings_by_spec):
     shown = list(dict.fromkeys(["spec_name", *differ, *ALWAYS_SHOWN_HPARAMS, "run"]))
     config = hp.hparams_config_pb([hp.HParam(key) for key in shown],
                                   [hp.Metric(tag, display_name=name) for tag, name in HPARAM_METRICS.items()])
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
     folder = run_folder.summaries_dir(exp_dir)
     for path in glob.glob(os.path.join(glob.escape(folder), f"*{HPARAMS_CONFIG_SUFFIX}")):
         os.remove(path)
-    writer = EventFileWriter(folder, filename_suffix=HPARAMS_CONFIG_SUFFIX)
-    writer.add_event(Event(wall_time=time.time(), summary=config))
-    writer.close()
+    write_events(os.path.join(folder, f"events.out.tfevents.{int(time.time())}.{os.uname().nodename}"
+                                      f"{HPARAMS_CONFIG_SUFFIX}"), [config])
     return shown
+
+
+def write_events(path, summaries):
+    """An event file of summaries (TensorBoard's protocol buffers) in TensorFlow's record format, written with
+    TensorBoard's own record writer (importing no TensorFlow), atomically."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    with atomic_open(path) as handle:
+        records = RecordWriter(handle)
+        records.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        for summary in summaries:
+            records.write(Event(wall_time=time.time(), summary=summary).SerializeToString())

@@ -4,6 +4,7 @@ The original research code's statistics (deepnet_task_cifar.py: __get_statistics
 run loop of __spec_analysis and the CSV row of analysis) are transcribed below, not imported.
 """
 import base64
+import glob
 import html.parser
 import io
 import itertools
@@ -919,3 +920,16 @@ def test_report_says_what_the_runs_activations_ran_on(tmp_path):
     assert sorted(rows) == sorted([(f"fused ({build})", "3", "ABU, relu"), (plain.replace("'", "&#x27;"), "1", "ABU"),
                                    ("not recorded (older run)", "1", "tanh")])
     assert "Some runs used the plain composition" in text
+
+
+def test_the_analysis_imports_no_tensorflow(tmp_path):
+    """The whole analysis, the HParams config included, runs without TensorFlow (which takes seconds to import)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_analysis as t, deepnet_analysis as da; "
+            "exp = sys.argv[2]; t.build_experiment(exp); result = da.analyse_experiment(exp, out=lambda line: None); "
+            "print(result['report']); print('tensorflow' in sys.modules)")
+    exp = str(tmp_path / "3_output_cifar" / "exp")
+    result = subprocess.run([sys.executable, "-c", code, tests, exp], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == [os.path.join(exp, "0_analysis", "report.html"), "False"]
+    assert len(glob.glob(os.path.join(exp, "0_summaries", "*.hparams_config"))) == 1
