@@ -8,10 +8,9 @@ Flags keep the original suite's single-dash names (a double dash works too). Eve
 """
 import argparse
 import math
-import re
 import sys
 
-from deepnet import architectures, datasets
+from deepnet import architectures, datasets, names
 from deepnet_util import UserError, run_cli
 
 # The flags' choices. Importing this module imports neither TensorFlow nor numpy (the supervisor's --status reads
@@ -26,7 +25,6 @@ OPTIMIZERS = ("Adam", "SGD", "Momentum", "Nesterov")
 LR_SCHEDULES = ("constant", "decay", "linear", "step")
 BLEND_MODES = ("unrestricted", "normalized", "posnormed", "absnormed", "softmaxed", "clipnormed")
 AF_INITS = ("default", "predefined")
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
 
 
 def boolean(text):
@@ -115,11 +113,11 @@ def check_flags(settings):
                           ("mode", MODES), ("optimizer", OPTIMIZERS), ("lr_schedule_type", LR_SCHEDULES),
                           ("blend_mode", BLEND_MODES), ("af_weights_init", AF_INITS), ("bn_inference", BN_INFERENCE)):
         _choice(settings, flag, choices)
-    for flag in ("experiment_name", "spec_name", "load_af_weights_experiment"):
-        if flag == "load_af_weights_experiment" and not settings[flag]:
-            continue  # empty: this run's own experiment
-        _require(re.fullmatch(NAME_PATTERN, settings[flag]) and not settings[flag].startswith("0_"), flag,
-                 f"'{settings[flag]}' must be letters, digits, '_', '.', '+', '-' (not starting with '0_')")
+    for flag in ("experiment_name", "spec_name", "load_af_weights_experiment", "load_af_weights_from"):
+        if flag.startswith("load_af_weights") and not settings[flag]:
+            continue  # empty: this run's own experiment / no predefined AF weights
+        names.check_name(f"-{flag}", settings[flag])
+    names.check_path("-path_relative", settings["path_relative"])
     for flag, low in (("n_minibatches", 1), ("run", 0), ("minibatch_size", 1), ("lr_lin_steps", 1),
                       ("safe_af_ws_n", 0), ("safe_all_ws_n", 0), ("epochs_between_checkpoints", 1),
                       ("val_every", 1)):
