@@ -21,10 +21,11 @@ The predefined-initialisation sweep starts from the AF weights the paper sweep l
 """
 import argparse
 import os
+import re
 import shlex
 import sys
 
-from deepnet import cluster, commands, local, run_folder, status
+from deepnet import cluster, commands, local, names, run_folder, status
 from deepnet_util import UserError, run_cli
 
 # ---------------------------------------------------------------- settings (every deepnet_main.py flag)
@@ -223,32 +224,52 @@ CLUSTER = {
 
 # ---------------------------------------------------------------- settings from the command line
 
+MAX_RUNS = 10000                    # runs in one selection (specs x run numbers); the paper's sweeps hold 510-540
+
+
 def parse_overrides(pairs):
-    """['key=value', ...] -> {key: typed value}; unknown keys are a UserError."""
+    """['key=value', ...] -> {key: typed value}; unknown keys, and names or paths that break deepnet/names.py's
+    rule, are a UserError."""
     flags, overrides = commands.flag_table(), {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep:
-            raise UserError(f"--set {pair}: expected key=value")
+            raise UserError(f"--set {commands.echoed(pair)}: expected key=value")
         if key not in SETTINGS:
-            raise UserError(f"--set {key}: unknown setting (known: {', '.join(SETTINGS)})")
+            raise UserError(f"--set {commands.echoed(key)}: unknown setting (known: {', '.join(SETTINGS)})")
         overrides[key] = commands.convert(key, text, flags)
+        problem = commands.setting_problem(key, overrides[key])
+        if problem:
+            raise UserError(f"--set {key}={commands.echoed(text)}: {problem}")
     return overrides
 
 
-def parse_runs(text):
-    """'1-3,7' -> [1, 2, 3, 7] (sorted, unique)."""
-    runs = set()
+def run_ranges(text):
+    """'1-3,7' -> [(1, 3), (7, 7)]: each part's first and last run number (UserError naming a bad part)."""
+    ranges = []
     for part in str(text).split(","):
         low, dash, high = part.strip().partition("-")
         try:
             first, last = int(low), int(high) if dash else int(low)
         except ValueError:
-            raise UserError(f"--runs {text}: '{part}' is not a run number or a range like 1-30") from None
+            raise UserError(f"--runs {commands.echoed(text)}: {names.shown(part)} is not a run number or a range "
+                            "like 1-30") from None
         if first < 0 or last < first:
-            raise UserError(f"--runs {text}: '{part}' is not a range of run numbers >= 0")
-        runs.update(range(first, last + 1))
-    return sorted(runs)
+            raise UserError(f"--runs {commands.echoed(text)}: {names.shown(part)} is not a range of run numbers "
+                            ">= 0")
+        ranges.append((first, last))
+    return ranges
+
+
+def parse_runs(text):
+    """'1-3,7' -> [1, 2, 3, 7] (sorted, unique); more than MAX_RUNS run numbers are refused before any list is
+    built."""
+    ranges = run_ranges(text)
+    count = sum(last - first + 1 for first, last in ranges)
+    if count > MAX_RUNS:
+        raise UserError(f"--runs {commands.echoed(text)}: {count:,} run numbers, more than the {MAX_RUNS:,} one "
+                        "sweep may hold")
+    return sorted({run for first, last in ranges for run in range(first, last + 1)})
 
 
 def select_specs(sweep, text):
@@ -256,12 +277,12 @@ def select_specs(sweep, text):
     specs = SWEEPS[sweep]["specs"]
     if not text:
         return dict(specs)
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in specs]
-    if unknown or not names:
-        raise UserError(f"--specs: unknown spec(s) {', '.join(unknown) or repr(text)} in sweep '{sweep}' "
-                        f"(known: {', '.join(specs)})")
-    return {name: specs[name] for name in dict.fromkeys(names)}
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in specs]
+    if unknown or not chosen:
+        shown = ", ".join(map(commands.echoed, unknown)) or commands.echoed(text)
+        raise UserError(f"--specs: unknown spec(s) {shown} in sweep '{sweep}' (known: {', '.join(specs)})")
+    return {name: specs[name] for name in dict.fromkeys(chosen)}
 
 
 # ---------------------------------------------------------------- the runs of a selection and their state
@@ -274,13 +295,21 @@ def run_settings(base, spec_settings, overrides, experiment, spec, run):
 
 
 def plan(args):
-    """Every run of the selection: a list of settings dicts (UserError on bad input)."""
+    """Every run of the selection: a list of settings dicts (UserError on bad input, such as a name or path that
+    breaks deepnet/names.py's rule, typed or in the sweep)."""
     sweep = SWEEPS[args.sweep]
+    if args.experiment is not None:
+        names.check_name("--experiment", args.experiment)
     specs = select_specs(args.sweep, args.specs)
     runs = parse_runs(args.runs or sweep["runs"])
+    if len(specs) * len(runs) > MAX_RUNS:
+        raise UserError(f"--runs {commands.echoed(args.runs or sweep['runs'])}: {len(specs)} specs x {len(runs):,} "
+                        f"run numbers = {len(specs) * len(runs):,} runs, more than the {MAX_RUNS:,} one sweep may hold")
     overrides = parse_overrides(args.set or [])
     experiment = args.experiment or sweep["experiment"]
     base = {**SETTINGS, **sweep["settings"]}
+    for spec, spec_settings in specs.items():
+        commands.check_names(run_settings(base, spec_settings, overrides, experiment, spec, 0), f"--sweep {args.sweep}")
     return [run_settings(base, spec_settings, overrides, experiment, spec, run)
             for spec, spec_settings in specs.items() for run in runs]
 
@@ -359,7 +388,8 @@ def parse_args(argv):
     p.add_argument("--sweep", default="paper", help=f"one of {', '.join(SWEEPS)} (default paper)")
     p.add_argument("--experiment", help="experiment name (default: the sweep's)")
     p.add_argument("--specs", help="comma-separated subset of the sweep's specs")
-    p.add_argument("--runs", help="run numbers: ranges and lists, e.g. 1-30 or 1,4,7-9 (default: the sweep's)")
+    p.add_argument("--runs", help="run numbers: ranges and lists, e.g. 1-30 or 1,4,7-9 (default: the sweep's); at "
+                   f"most {MAX_RUNS} runs in all (specs x run numbers)")
     p.add_argument("--workers", default="1", help="local backend: runs at once (default 1)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a setting for every run (repeatable), e.g. --set n_minibatches=1000")
@@ -382,11 +412,11 @@ def parse_args(argv):
 
 def check_args(args):
     if args.sweep not in SWEEPS:
-        raise UserError(f"--sweep {args.sweep}: unknown sweep (known: {', '.join(SWEEPS)})")
+        raise UserError(f"--sweep {commands.echoed(args.sweep)}: unknown sweep (known: {', '.join(SWEEPS)})")
     if args.backend not in ("local", *cluster.SUBMITTERS):
-        raise UserError(f"--backend {args.backend}: must be local, slurm or sge")
-    if not args.workers.isdigit() or int(args.workers) < 1:
-        raise UserError(f"--workers {args.workers}: must be a whole number >= 1")
+        raise UserError(f"--backend {commands.echoed(args.backend)}: must be local, slurm or sge")
+    if not re.fullmatch(r"[0-9]+", args.workers) or int(args.workers) < 1:
+        raise UserError(f"--workers {commands.echoed(args.workers)}: must be a whole number >= 1")
     args.workers = int(args.workers)
 
 
@@ -409,6 +439,8 @@ def main(argv=None, out=print):
     runs = plan(args)
     for settings in runs:
         commands.check_with_main(commands.command(settings))
+    if args.backend != "local":
+        cluster.check_cluster(args.backend, CLUSTER, commands.experiment_dir(runs[0]))
     to_stderr = lambda line: print(line, file=sys.stderr)  # noqa: E731
     problem = af_weights_problem(runs)
     if problem and not args.dry_run:
@@ -417,6 +449,7 @@ def main(argv=None, out=print):
         to_stderr(f"warning: {problem}")
     if args.dry_run and args.backend == "local":
         todo, _ = split_by_state(runs, to_stderr)
+        preflight(todo, to_stderr)
         for settings in todo:
             out(shlex.join(commands.command(settings)))
         from deepnet import estimate  # imports numpy: only for a dry run
@@ -429,6 +462,15 @@ def main(argv=None, out=print):
         return 130
 
 
+def preflight(todo, out=print):
+    """Before any run starts or any job script is written: refuse a minibatch larger than the training set after
+    the validation split (UserError), warn when the disk may not hold what the runs write."""
+    if todo:
+        local.check_minibatch_sizes(todo, out)
+        for line in local.disk_warnings(todo):
+            out(line)
+
+
 def sweep(args, runs, out=print):
     """Prepare the data, run or submit the unfinished runs, analyse once every run has ended; returns the
     exit status."""
@@ -437,6 +479,7 @@ def sweep(args, runs, out=print):
     if may_run_here and not args.dry_run:
         for settings in {(s["path_relative"], s["task"], s["preprocessing"]): s for s in may_run_here}.values():
             local.ensure_data(settings, SWEEPS[args.sweep]["synthetic_fallback"], out)
+    preflight(todo, out)
     if args.backend != "local":
         if not todo and elsewhere:
             out(f"nothing to submit: {len(elsewhere)} run(s) still running elsewhere; run this command again "

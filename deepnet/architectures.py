@@ -49,3 +49,21 @@ def activated_layers(network):
 
 def n_dropout_layers(network):
     return sum(layer[0] == "dropout" for layer in ARCHITECTURES[network])
+
+
+def parameter_count(network, n_classes, image_shape=(32, 32, 3)):
+    """Trainable weights and biases of the network (batch norm's and the activations' few left out): convolutions
+    keep the image size ('SAME'), pooling divides it by its stride, rounded up."""
+    height, width, channels = image_shape
+    count = 0
+    for layer in ARCHITECTURES[network]:
+        if layer[0] == "conv":
+            count += layer[1] * layer[1] * channels * layer[2] + layer[2]
+            channels = layer[2]
+        elif layer[0] in ("maxpool", "avgpool"):
+            height, width = -(-height // layer[2]), -(-width // layer[2])
+        elif layer[0] in ("dense", "logits"):
+            units = layer[1] if layer[0] == "dense" else n_classes
+            count += height * width * channels * units + units
+            height, width, channels = 1, 1, units
+    return count

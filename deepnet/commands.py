@@ -6,12 +6,16 @@ import argparse
 import os
 import sys
 
-from deepnet import run_folder
+from deepnet import names, run_folder
 from deepnet_util import UserError
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # holds deepnet_main.py; runs start here
 PER_RUN_FLAGS = ("mode", "experiment_name", "spec_name", "run")
 NOT_PASSED = ("reference",)         # analysis-only settings, not given to training runs
+# The settings that are names or paths, by deepnet/names.py's rule; '' means none for the optional names.
+NAME_SETTINGS = ("experiment_name", "spec_name", "load_af_weights_from", "load_af_weights_experiment", "reference")
+OPTIONAL_NAMES = ("load_af_weights_from", "load_af_weights_experiment")
+PATH_SETTINGS = ("path_relative",)
 
 
 def flag_table():
@@ -27,10 +31,36 @@ def convert(key, text, flags):
     try:
         values = [None if kind is int and part == "None" else kind(part) for part in parts]
     except (ValueError, argparse.ArgumentTypeError) as err:
-        raise UserError(f"--set {key}={text}: {err}") from None
+        raise UserError(f"--set {key}={echoed(text)}: {err}") from None
     if nargs and not values:
-        raise UserError(f"--set {key}={text}: needs at least one value")
+        raise UserError(f"--set {key}={echoed(text)}: needs at least one value")
     return values if nargs else values[0]
+
+
+def echoed(text):
+    """Typed text for an error line: as typed when it is one short plain line, else escaped (names.shown)."""
+    text = str(text)
+    return text if len(text) <= 120 and not names.CONTROL.search(text) else names.shown(text)
+
+
+def setting_problem(key, value):
+    """Why a name or path setting's value breaks deepnet/names.py's rule ('' if it does not, or if key is
+    neither)."""
+    if key in OPTIONAL_NAMES and value == "":
+        return ""
+    if key in NAME_SETTINGS:
+        return names.name_problem(value)
+    if key in PATH_SETTINGS:
+        return names.path_problem(value)
+    return ""
+
+
+def check_names(settings, where):
+    """UserError naming `where` and the setting when a run's name or path setting breaks the rule."""
+    for key in (*NAME_SETTINGS, *PATH_SETTINGS):
+        problem = setting_problem(key, settings.get(key, ""))
+        if problem:
+            raise UserError(f"{where}: -{key} {names.shown(settings.get(key))}: {problem}")
 
 
 def flag_value(value):

@@ -1,23 +1,32 @@
-"""The local backend of the supervisor: its preflight (the data are there, the fused kernel is built) and the
-worker pool that runs a sweep's runs, a few at a time, each in its own process and log, stops them cleanly on
-Ctrl-C or SIGTERM, and waits for runs that another process is training.
+"""The local backend of the supervisor: its preflight (the data are there, the minibatch fits the training set, the
+disk has room, the fused kernel is built; the cluster backends share the first three) and the worker pool that runs
+a sweep's runs, a few at a time, each in its own process and log, stops them cleanly on Ctrl-C or SIGTERM, and waits
+for runs that another process is training.
 """
 import ctypes
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
-from deepnet import commands, datasets, run_folder, status
-from deepnet_util import EXIT_RUNNING_ELSEWHERE, UserError, clock
+from deepnet import architectures, commands, datasets, run_folder, status
+from deepnet_util import EXIT_RUNNING_ELSEWHERE, UserError, clock, load_json_object
 
 POLL_S = 0.5
 STOP_TIMEOUT_S = 180                # a stopped run gets this long to write its checkpoint
 ELSEWHERE_POLL_S = 5                # how often the locks of runs running elsewhere are checked
 WAIT_REPORT_S = 600                 # a line about the runs still running elsewhere this often
 PR_SET_PDEATHSIG = 1                # linux/prctl.h
+# A run's disk use, for the free-space warning (measured with ABU runs of smcn and smcnDeep): TensorBoard summaries
+# ~900 bytes per minibatch and weighted layer; recorder, its copies in the checkpoints and the log ~500 bytes per
+# minibatch; and at the peak this many copies of the weights: the newest two checkpoints with Adam's two moments
+# (6), two more kept models (2), besides one per -safe_all_ws_n weight file.
+SUMMARY_BYTES_PER_MB_AND_LAYER = 900
+RECORD_BYTES_PER_MB = 500
+CHECKPOINT_WEIGHT_COPIES = 8
 
 
 def ensure_data(settings, synthetic_fallback, out=print):
@@ -42,6 +51,69 @@ def ensure_data(settings, synthetic_fallback, out=print):
     failure = run_quietly(base + ["--synthetic"])
     if failure is not None:
         raise UserError(f"writing the synthetic dataset failed: {failure}")
+
+
+def training_images(settings):
+    """The number of images in the runs' preprocessed training file: from its JSON sidecar ('images_shape'), else
+    (the original's pickles have none) by loading it once; None when the file is not there."""
+    train, _ = datasets.output_paths(commands.project_root(settings), settings["task"], settings["preprocessing"])
+    if not os.path.isfile(train):
+        return None
+    shape = (load_json_object(datasets.sidecar_path(train)) or {}).get("images_shape")
+    if isinstance(shape, list) and shape and type(shape[0]) is int and shape[0] > 0:
+        return shape[0]
+    from deepnet import data  # imports numpy: only without a sidecar
+    return len(data.load_dataset(train, datasets.N_CLASSES[settings["task"]])[1])
+
+
+def check_minibatch_sizes(runs, out=print):
+    """UserError (-minibatch_size, nothing written) when a run's minibatch is larger than the training images
+    left after its validation split; says in one line which data are not there yet to be checked."""
+    from deepnet import data  # imports numpy: only when runs are about to be started or submitted
+    sizes = {}
+    for settings in runs:
+        key = (commands.project_root(settings), settings["task"], settings["preprocessing"])
+        if key not in sizes:
+            sizes[key] = training_images(settings)
+            if sizes[key] is None:
+                out(f"note: no preprocessed {settings['task']} ({settings['preprocessing']}) under {key[0]} yet: "
+                    "-minibatch_size is checked against it once it is there")
+        if sizes[key] is not None:
+            data.check_data_fits(settings, sizes[key])
+
+
+def expected_bytes(settings):
+    """What one run writes at most, roughly (see SUMMARY_BYTES_PER_MB_AND_LAYER and the constants beside it)."""
+    network = settings["network"]
+    weights = 4 * architectures.parameter_count(network, datasets.N_CLASSES[settings["task"]])
+    layers = len(architectures.layer_names(network))
+    per_mb = SUMMARY_BYTES_PER_MB_AND_LAYER * layers + RECORD_BYTES_PER_MB
+    return weights * (CHECKPOINT_WEIGHT_COPIES + settings["safe_all_ws_n"]) + per_mb * settings["n_minibatches"]
+
+
+def existing_parent(path):
+    """path, or its nearest parent folder that exists."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def disk_warnings(runs):
+    """'warning:' lines, one per file system the runs may write more to than it has free (none when they fit)."""
+    needs = {}
+    for settings in runs:
+        folder = existing_parent(commands.experiment_dir(settings))
+        count, total = needs.get(folder, (0, 0))
+        needs[folder] = (count + 1, total + expected_bytes(settings))
+    lines = []
+    for folder, (count, needed) in needs.items():
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            lines.append(f"warning: {folder}: {free / 1e9:,.1f} GB free, but the {count} run(s) to start may write "
+                         f"about {needed / 1e9:,.1f} GB (checkpoints, weight files, TensorBoard summaries, logs); "
+                         "free some space or set -path_relative elsewhere")
+    return lines
 
 
 def read_text(path):

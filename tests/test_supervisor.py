@@ -208,7 +208,9 @@ def test_complete_runs_are_not_started_and_untested_diverged_runs_are(tmp_path, 
 # ---------------------------------------------------------------- job scripts
 
 FAKE_PYTHON = """#!/bin/sh
-# stands in for python on a node: prints how many arguments arrived, then each on its own line
+# stands in for python on a node: the job's entry point (-m deepnet.cluster) runs in the real python; a run prints
+# how many arguments arrived, then each on its own line
+[ "$1" = -m ] && exec REAL_PYTHON "$@"
 echo "argc $#"
 for a in "$@"; do echo "arg [$a]"; done
 """
@@ -218,7 +220,7 @@ for a in "$@"; do echo "arg [$a]"; done
 def test_job_array_scripts(tmp_path, capsys, monkeypatch, backend):
     root = str(tmp_path / "root")
     fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON)
+    fake.write_text(FAKE_PYTHON.replace("REAL_PYTHON", shlex.quote(PY)))
     fake.chmod(0o755)
     monkeypatch.setitem(sv.CLUSTER, "python", str(fake))
     monkeypatch.setitem(sv.CLUSTER, "time_minutes", 120)
@@ -230,11 +232,11 @@ def test_job_array_scripts(tmp_path, capsys, monkeypatch, backend):
                     "--experiment", "exp2", "--set", f"path_relative={root}"]) == 0
     exp = os.path.join(root, "3_output_cifar", "exp2")
     [script] = glob.glob(os.path.join(exp, "0_jobs", f"exp2_{backend}_*.sh"))
-    tasks_file = script[:-len(".sh")] + "_tasks.tsv"
+    tasks_file = script[:-len(".sh")] + "_tasks.jsonl"
     assert f"wrote {script} (5 tasks)" in capsys.readouterr().out
     text = open(script).read()
     variable = "SLURM_ARRAY_TASK_ID" if backend == "slurm" else "SGE_TASK_ID"
-    assert f'line=$(sed -n "${{{variable}}}p" {tasks_file})' in text.splitlines()
+    assert f'exec {fake} -m deepnet.cluster {tasks_file} "${{{variable}}}"' in text.splitlines()
     if backend == "slurm":
         for line in ("#SBATCH --array=1-5%3", "#SBATCH --time=0-02:00:00", "#SBATCH --cpus-per-task=4",
                      "#SBATCH --mem=16G", "#SBATCH --partition=short", "#SBATCH --job-name=exp2"):
@@ -244,19 +246,18 @@ def test_job_array_scripts(tmp_path, capsys, monkeypatch, backend):
                      "#$ -N exp2"):
             assert line in text.splitlines()
     assert subprocess.run(["bash", "-n", script]).returncode == 0
-    tasks = [line.split("\t") for line in open(tasks_file).read().splitlines()]
-    assert [(t[0], t[1]) for t in tasks] == [("relu", "1"), ("relu", "3"), ("ABU", "1"), ("ABU", "2"),
-                                            ("ABU", "3")]
-    for spec, run, log, cmd in tasks:
+    tasks = [json.loads(line) for line in open(tasks_file).read().splitlines()]
+    assert [(t["spec"], t["run"]) for t in tasks] == [("relu", 1), ("relu", 3), ("ABU", 1), ("ABU", 2), ("ABU", 3)]
+    for task in tasks:
+        spec, run, log, words = task["spec"], task["run"], task["log"], task["argv"]
         assert log == os.path.join(exp, spec, f"run_{run}", f"log_{spec}_run_{run}.txt")
-        words = shlex.split(cmd)
         assert words[:2] == [str(fake), "deepnet_main.py"]
         assert words[words.index("-walltime") + 1] == "110"          # 120 min job - 10 min margin
     # run task 4 as the scheduler would: it must pick line 4 and pass every argument intact
     result = subprocess.run(["bash", script], env=dict(os.environ, **{variable: "4"}), capture_output=True)
     assert result.returncode == 0, result.stderr
-    log = open(tasks[3][2]).read().splitlines()
-    expected = shlex.split(tasks[3][3])[1:]
+    log = open(tasks[3]["log"]).read().splitlines()
+    expected = tasks[3]["argv"][1:]
     assert log[0].startswith("=== ") and "task 4" in log[0]
     assert log[1] == f"argc {len(expected)}"
     assert log[2:] == [f"arg [{a}]" for a in expected]
@@ -503,9 +504,9 @@ def test_dry_runs_leave_out_runs_held_elsewhere(tmp_path, capsys, hold_lock):
     assert captured.out.splitlines()[-1].startswith("3 runs, 750 minibatches in all")
     assert f"relu run 1: running elsewhere ({holder_text(holder)})" in captured.err
     assert sv.main(["--backend", "slurm", "--dry-run", "--sweep", "demo", "--set", f"path_relative={root}"]) == 0
-    [tasks] = glob.glob(os.path.join(root, "3_output_cifar", "demo_smcn_cifar10", "0_jobs", "*_tasks.tsv"))
-    assert [line.split("\t")[:2] for line in open(tasks).read().splitlines()] == [["relu", "2"], ["ABU", "1"],
-                                                                                 ["ABU", "2"]]
+    [tasks] = glob.glob(os.path.join(root, "3_output_cifar", "demo_smcn_cifar10", "0_jobs", "*_tasks.jsonl"))
+    assert [[task["spec"], task["run"]] for task in map(json.loads, open(tasks).read().splitlines())] == \
+        [["relu", 2], ["ABU", 1], ["ABU", 2]]
 
 
 # ---------------------------------------------------------------- worker lifetime
