@@ -449,7 +449,7 @@ def main(argv=None, out=print):
         to_stderr(f"warning: {problem}")
     if args.dry_run and args.backend == "local":
         todo, _ = split_by_state(runs, to_stderr)
-        preflight(todo, to_stderr)
+        local.check_minibatch_sizes(todo, None)     # refused now; the sweep fetches missing data, checks the disk
         for settings in todo:
             out(shlex.join(commands.command(settings)))
         from deepnet import estimate  # imports numpy: only for a dry run
@@ -464,7 +464,8 @@ def main(argv=None, out=print):
 
 def preflight(todo, out=print):
     """Before any run starts or any job script is written: refuse a minibatch larger than the training set after
-    the validation split (UserError), warn when the disk may not hold what the runs write."""
+    the validation split (UserError; a note when the data are not there yet), warn when the disk may not hold what
+    the runs write."""
     if todo:
         local.check_minibatch_sizes(todo, out)
         for line in local.disk_warnings(todo):

@@ -68,14 +68,15 @@ def training_images(settings):
 
 def check_minibatch_sizes(runs, out=print):
     """UserError (-minibatch_size, nothing written) when a run's minibatch is larger than the training images
-    left after its validation split; says in one line which data are not there yet to be checked."""
+    left after its validation split; says in one line to out (None: says nothing) which data are not there yet to
+    be checked."""
     from deepnet import data  # imports numpy: only when runs are about to be started or submitted
     sizes = {}
     for settings in runs:
         key = (commands.project_root(settings), settings["task"], settings["preprocessing"])
         if key not in sizes:
             sizes[key] = training_images(settings)
-            if sizes[key] is None:
+            if sizes[key] is None and out:
                 out(f"note: no preprocessed {settings['task']} ({settings['preprocessing']}) under {key[0]} yet: "
                     "-minibatch_size is checked against it once it is there")
         if sizes[key] is not None:
