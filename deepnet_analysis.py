@@ -2,10 +2,17 @@
 
 Reads only the recorders EXP/<spec>/run_<run>/record_<spec>_run_<run>.pkl (for the activation shapes of old
 recorders also the AF-weight files in EXP/0_af_weights/) and writes everything into EXP/0_analysis/; the last
-line printed is the path of 0_analysis/report.html, the page to open.
+line printed is the path of 0_analysis/report.html, the page to open. The set is written as one: into a new
+folder EXP/0_analysis.tmp_<random>/ that replaces 0_analysis/ in one step at the end (Linux renameat2
+RENAME_EXCHANGE; where the file system cannot, e.g. NFS, two renames, said in one line), so a failure or a full
+disk leaves the previous set as it was; EXP/0_analysis.lock lets one analysis of an experiment write at a time
+(another waits) and the next one delete what a killed one left. Then the HParams config in EXP/0_summaries/.
+Spec folders whose names break the suite's rule (deepnet/names.py) are skipped with one line; an experiment
+folder whose name breaks it, or a -reference that names no spec folder, is a UserError (nothing written).
 
 Which runs are analysed. A run is left out, and listed with the reason in 0_analysis/excluded_runs.csv
 (columns spec_name; run; category; reason; recorder), when
+    running                    another live process holds its lock (it trains, or tests, the run now)
     no_recorder / unreadable   its recorder is missing or cannot be read
     diverged                   diverged is True but test_completed is not (diverged under an older suite: run it
                                again and it is tested)
@@ -18,12 +25,17 @@ A run without a validation set (settings create_val_set False) validated on the 
 its validations are ignored here, so its val columns are empty and nothing is picked on the test set.
 As in the original, a run whose mean validation accuracy (mean of val_top1_hist over the whole run) is above
 0.95 or below 0.3 only gets a printed warning: the original prints "excluded" but keeps the run, so it is kept.
-An experiment without any complete run is a UserError; one whose complete runs are all bad is analysed (empty
+An experiment without any complete run is a UserError (nothing written; the printed lines name every run left out
+and why); one whose complete runs are all bad is analysed (empty
 table, every run listed with its reason in excluded_runs.csv and the report). An experiment whose complete runs
 of one task and preprocessing were trained on different data (their recorded data fingerprints differ), or whose
 runs with one seed and split settings on different splits, is a UserError too: such runs are not comparable.
 
-main_performance_analysis.csv, ';'-separated, one row per spec with an analysed run; the original's columns first:
+Every .csv file is ';'-separated and written by the csv module: a cell holding ';', '"' or a line break is quoted,
+and a text cell starting with =, +, -, @, tab or carriage return gets a leading ' so that a spreadsheet shows it
+as text (numbers are written as they are).
+
+main_performance_analysis.csv, one row per spec with an analysed run; the original's columns first:
     spec_name; n_runs                              n_runs = analysed runs
     test / e.s. mb [mean]; [std]                   over the runs' test_mb_n_hist entries (the tested minibatch)
     train acc [median; mean; var; std; max; min]   over the runs of EACH RUN'S MAXIMUM of train_top1_hist (per
@@ -71,8 +83,15 @@ runs all have the same test accuracy); fewer than 2 pairs give NaN paired p valu
 all the same (t-test) or all 0 (Wilcoxon); NaN p values do not count towards the Holm correction. Every test is
 Holm-corrected on its own.
 """
+import csv
+import errno
+import glob
+import io
 import math
 import os
+import secrets
+import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,7 +101,8 @@ from deepnet.results import (check_experiment, check_same_data, first_settings, 
                              run_metrics, tested_mb, validation_history)
 from deepnet.run_statistics import (band, describe, list_statistics, on_common_grid, over_runs, significance_rows,
                                     without_repeated_validations)
-from deepnet_util import UserError, save_pickle, save_text
+from deepnet_util import (RunLock, UserError, fsync_folder, remove_path, replace_folder, save_pickle,
+                          save_text)
 
 STAT_NAMES = ("median", "mean", "var", "std", "max", "min")
 AT_ES_KINDS = ("train", "val")
@@ -90,6 +110,9 @@ SIGNIFICANCE_COLUMNS = ("spec_name", "reference", "n", "n_reference", "mean_diff
                         "mean_diff_ci_high", "welch_p", "mannwhitney_p", "welch_p_holm", "mannwhitney_p_holm",
                         "hedges_g", "n_pairs", "paired_t_p", "wilcoxon_p", "paired_t_p_holm", "wilcoxon_p_holm")
 EXCLUDED_COLUMNS = ("spec_name", "run", "category", "reason", "recorder")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")   # a spreadsheet takes a text cell starting so for a formula
+STAGING = ".tmp_"          # 0_analysis.tmp_<random>: the next set while it is written; its predecessor after the swap
+ANALYSIS_LOCK = "0_analysis.lock"   # held while the analysis writes its set (and the HParams config)
 
 
 # ---------------------------------------------------------------- a spec's numbers
@@ -144,11 +167,21 @@ def format_value(value):
     return str(value)
 
 
+def csv_cell(value):
+    """A table cell: numbers as format_value writes them; text that a spreadsheet would take for a formula (starting
+    with one of FORMULA_STARTS) behind a ' that keeps it text."""
+    text = format_value(value)
+    return "'" + text if isinstance(value, str) and text.startswith(FORMULA_STARTS) else text
+
+
 def write_csv(path, columns, rows):
-    """A ';'-separated table with a header line; NaN is written as 'nan'."""
-    lines = [";".join(columns)]
-    lines += [";".join(format_value(row[column]) for column in columns) for row in rows]
-    save_text(path, "\n".join(lines) + "\n")
+    """A ';'-separated table with a header line, quoted by the csv module where a cell holds ';', '"' or a line
+    break; NaN is written as 'nan'."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=";", lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([csv_cell(row[column]) for column in columns] for row in rows)
+    save_text(path, buffer.getvalue())
 
 
 def performance_columns():
@@ -224,17 +257,15 @@ class SpecAnalysis:
         return [(record.get("activation_kernel"), record.get("activation_kernel_build")) for record in self.records]
 
 
-def analyse_spec(exp_dir, spec, analysis_dir, out):
-    """Read a spec's runs and, if any is analysed, compute its numbers and draw its plots."""
-    result = SpecAnalysis(spec, *load_spec(exp_dir, spec, out))
-    if result.runs:
-        result.metrics = [run_metrics(record) for record in result.records]
-        result.curve = val_curves(result.records)
-        result.plots = figures.spec_plots(exp_dir, spec, result.runs, result.records, analysis_dir, result.curve, out)
-        result.summary = spec_summary(spec, result.runs, result.records, result.metrics, result.curve,
-                                      result.excluded, result.warnings)
-        result.row = performance_row(result.summary, result.metrics, result.records)
-    return result
+def analyse_spec(exp_dir, result, analysis_dir, out):
+    """Compute the numbers of a spec with analysed runs and draw its plots into analysis_dir."""
+    result.metrics = [run_metrics(record) for record in result.records]
+    result.curve = val_curves(result.records)
+    result.plots = figures.spec_plots(exp_dir, result.spec, result.runs, result.records, analysis_dir, result.curve,
+                                      out)
+    result.summary = spec_summary(result.spec, result.runs, result.records, result.metrics, result.curve,
+                                  result.excluded, result.warnings)
+    result.row = performance_row(result.summary, result.metrics, result.records)
 
 
 def spec_summary(spec, runs, records, metrics, curve, excluded, notes):
@@ -284,48 +315,107 @@ class ExperimentAnalysis:
 def analyse_experiment(exp_dir, reference="relu", out=print):
     """Tables, significance tests, plots and report.html of every analysed run of the experiment in exp_dir.
 
-    Writes into exp_dir/0_analysis/ and returns {'performance': rows, 'significance': rows or None,
-    'excluded': rows, 'warnings': lines, 'analysis_dir': path, 'report': path}. Definitions: see the
-    module docstring.
+    Writes the set into a new folder beside exp_dir/0_analysis/ and swaps it in at the end, so a failure leaves the
+    previous set as it was; bad input (no such experiment or reference, runs on different data, no complete run)
+    writes nothing. Returns {'performance': rows, 'significance': rows or None, 'excluded': rows, 'warnings': lines,
+    'analysis_dir': path, 'report': path}. Definitions: see the module docstring.
     """
     exp_dir = os.path.normpath(exp_dir)
-    specs = check_experiment(exp_dir)
-    analysis_dir = run_folder.analysis_dir(exp_dir)
-    experiment = os.path.basename(exp_dir)
+    specs = check_experiment(exp_dir, reference, out)
     check_same_data(exp_dir, specs)
-    analysis = ExperimentAnalysis(exp_dir, reference, {spec: analyse_spec(exp_dir, spec, analysis_dir, out)
+    analysis = ExperimentAnalysis(exp_dir, reference, {spec: SpecAnalysis(spec, *load_spec(exp_dir, spec, out))
                                                        for spec in specs})
-    performance, excluded = analysis.performance, analysis.excluded
-    write_csv(os.path.join(analysis_dir, "excluded_runs.csv"), EXCLUDED_COLUMNS, excluded)
-    if not performance and not any(row["category"] == "bad_test_acc" for row in excluded):
-        raise UserError(f"experiment folder {exp_dir} has no complete run ({len(excluded)} excluded, "
-                        f"listed in {os.path.join(analysis_dir, 'excluded_runs.csv')})")
-    if not performance:  # a finding, not an error: the report and excluded_runs.csv show every run and why
-        out("every complete run was excluded as a bad run (test accuracy in (0, 0.3)): nothing to compare")
-    write_csv(os.path.join(analysis_dir, "main_performance_analysis.csv"), performance_columns(), performance)
-    if performance:
-        curves = {result.spec: result.curve for result in analysis.analysed}
-        analysis.experiment_plot = figures.plot_all_specs(curves, os.path.join(analysis_dir, f"PA_{experiment}.png"),
-                                                          experiment)
-    test_accs = {result.spec: result.test_accs for result in analysis.analysed}
-    analysis.significance = significance_table(test_accs, reference, analysis_dir, out)
-    for result in analysis.analysed:
-        result.summary["significance"] = next((row for row in analysis.significance or []
-                                               if row["spec_name"] == result.spec), None)
-        save_pickle(os.path.join(analysis_dir, f"performance_summary_{result.spec}.pkl"), result.summary)
-    page = report.write_report(os.path.join(analysis_dir, "report.html"), analysis)
-    hparams = {spec: result.settings[0] if result.runs else first_settings(exp_dir, spec)
-               for spec, result in analysis.specs.items()}
-    hparams = {spec: values for spec, values in hparams.items() if values}
-    if hparams:
-        outputs.write_hparams_config(exp_dir, hparams)
+    check_complete_runs(exp_dir, analysis)
+    analysis_dir = run_folder.analysis_dir(exp_dir)
+    lock = RunLock(os.path.join(exp_dir, ANALYSIS_LOCK))
+    lock.acquire(waiting=lambda holder: out(f"waiting for the analysis of {exp_dir} by {holder} to end"))
+    try:
+        for leftover in glob.glob(glob.escape(analysis_dir + STAGING) + "*"):  # of an analysis that was killed
+            remove_path(leftover)
+        publish(analysis_dir, lambda folder: write_analysis(analysis, folder, out), out)
+        write_hparams(analysis, out)
+    finally:
+        lock.release()
+    performance, page = analysis.performance, os.path.join(analysis_dir, "report.html")
     out(summary_table(performance, analysis.significance, reference))
     out(f"tables, plots and summaries: {analysis_dir}")
     out(f"TensorBoard (curves, histograms, HParams): tensorboard --logdir {run_folder.summaries_dir(exp_dir)}")
     out(f"report: {page}")
-    return {"performance": performance, "significance": analysis.significance, "excluded": excluded,
+    return {"performance": performance, "significance": analysis.significance, "excluded": analysis.excluded,
             "warnings": analysis.warnings, "diverged": analysis.diverged, "analysis_dir": analysis_dir,
             "report": page}
+
+
+def check_complete_runs(exp_dir, analysis):
+    """UserError when no run can be analysed and none was excluded as a bad run (nothing is written then)."""
+    excluded = analysis.excluded
+    if analysis.analysed or any(row["category"] == "bad_test_acc" for row in excluded):
+        return
+    counts = ", ".join(f"{n} {category}" for category, n in Counter(row["category"] for row in excluded).items())
+    raise UserError(f"experiment folder {exp_dir} has no complete run ({len(excluded)} excluded: {counts}; the "
+                    "lines above say why); nothing written")
+
+
+def publish(final, write, out):
+    """Call write(folder) on a new folder beside final, then swap it in for final in one step and delete the
+    previous set. A failure (a full disk, an interruption) deletes the new folder and leaves final as it was."""
+    staging = final + STAGING + secrets.token_hex(4)
+    os.mkdir(staging)   # with the umask's permissions and a setgid parent's group
+    try:
+        write(staging)
+        fsync_folder(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    was_link = os.path.islink(final)
+    old, note = replace_folder(staging, final)
+    if note:
+        out(note)
+    if was_link:
+        out(f"note: {final} was a symbolic link: replaced by the analysis folder (what it pointed to is untouched)")
+    if old:
+        remove_path(old)
+    fsync_folder(os.path.dirname(final))
+
+
+def write_analysis(analysis, folder, out):
+    """Every spec's numbers and plots, the tables, the summary pickles and report.html, into folder."""
+    for result in analysis.analysed:
+        analyse_spec(analysis.exp_dir, result, folder, out)
+    performance, excluded = analysis.performance, analysis.excluded
+    write_csv(os.path.join(folder, "excluded_runs.csv"), EXCLUDED_COLUMNS, excluded)
+    if not performance:  # a finding, not an error: the report and excluded_runs.csv show every run and why
+        out("every complete run was excluded as a bad run (test accuracy in (0, 0.3)): nothing to compare")
+    write_csv(os.path.join(folder, "main_performance_analysis.csv"), performance_columns(), performance)
+    if performance:
+        curves = {result.spec: result.curve for result in analysis.analysed}
+        experiment = os.path.basename(os.path.abspath(analysis.exp_dir))
+        analysis.experiment_plot = figures.plot_all_specs(curves, os.path.join(folder, f"PA_{experiment}.png"),
+                                                          experiment)
+    test_accs = {result.spec: result.test_accs for result in analysis.analysed}
+    analysis.significance = significance_table(test_accs, analysis.reference, folder, out)
+    for result in analysis.analysed:
+        result.summary["significance"] = next((row for row in analysis.significance or []
+                                               if row["spec_name"] == result.spec), None)
+        save_pickle(os.path.join(folder, f"performance_summary_{result.spec}.pkl"), result.summary)
+    report.write_report(os.path.join(folder, "report.html"), analysis)
+
+
+def write_hparams(analysis, out):
+    """The experiment's HParams config in 0_summaries/, written once the set is in place (it is no part of it); one
+    line instead when 0_summaries is a symbolic link or a file."""
+    exp_dir = analysis.exp_dir
+    hparams = {spec: result.settings[0] if result.runs else first_settings(exp_dir, spec)
+               for spec, result in analysis.specs.items()}
+    hparams = {spec: values for spec, values in hparams.items() if values}
+    if not hparams:
+        return
+    try:
+        outputs.write_hparams_config(exp_dir, hparams)
+    except OSError as err:
+        if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        out(f"HParams config not written: {err.filename}: {err.strerror}")
 
 
 def significance_table(test_accs, reference, analysis_dir, out):

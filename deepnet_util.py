@@ -1,12 +1,16 @@
 """Small shared pieces: exit statuses and one-line errors, quiet TensorFlow import, the run lock, safe pickles,
 atomic writes, a clock and a progress bar."""
 import contextlib
+import ctypes
+import errno
 import fcntl
 import functools
 import io
 import json
 import os
 import pickle
+import secrets
+import shutil
 import sys
 import tempfile
 
@@ -105,46 +109,69 @@ def import_tf():
 # ---------------------------------------------------------------- run lock
 
 class RunLock:
-    """An exclusive flock on the run folder: released by the OS when the process dies."""
+    """An exclusive flock on the run folder: released by the OS when the process dies. The lock file is never
+    opened through a symbolic link (nothing the suite did not make is truncated or written)."""
 
     def __init__(self, path):
         self.path, self.handle = path, None
 
     @staticmethod
     def holder(path):
-        """Who holds the lock at path ('' if nobody)."""
-        if not os.path.exists(path):
+        """Who holds the lock at path ('' if nobody; OSError if it cannot be read, e.g. it is a symbolic link)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
             return ""
-        with open(path, "a+") as handle:
+        with os.fdopen(fd) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
                 return handle.read().strip() or "another process"
             fcntl.flock(handle, fcntl.LOCK_UN)
         return ""
 
-    def acquire(self):
+    def acquire(self, waiting=None):
+        """Take the lock, or raise RunningElsewhere naming its holder; with waiting (a function of the holder's
+        text, e.g. one that prints a line), call it and wait for the lock instead."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.handle = open(self.path, "a+")
+        self.handle = open_lock_file(self.path)
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.handle.seek(0)
             other = self.handle.read().strip() or "another process"
-            self.handle.close()
-            raise RunningElsewhere(f"{os.path.dirname(self.path)}: this run is already running ({other})") from None
+            if waiting is None:
+                self.handle.close()
+                folder = os.path.dirname(self.path)
+                raise RunningElsewhere(f"{folder}: this run is already running ({other})") from None
+            waiting(other)
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
         self.handle.flush()
+
+    def release(self):
+        self.handle.close()
 
     def __enter__(self):
         self.acquire()
         return self
 
     def __exit__(self, *exc):
-        self.handle.close()
+        self.release()
+
+
+def open_lock_file(path):
+    """The lock file at path opened for reading and writing, created with the umask's permissions; a symbolic
+    link there is refused (RunError): the suite writes no file through a link it did not make."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise RunError(f"{path}: is a symbolic link, not a lock file the suite made; remove it (what it points "
+                       "to is not needed) and run again") from None
+    return os.fdopen(fd, "r+")
 
 
 # ---------------------------------------------------------------- restricted unpickling
@@ -192,29 +219,123 @@ def load_pickle(path, encoding="ASCII"):
 
 # ---------------------------------------------------------------- atomic writes
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 @contextlib.contextmanager
 def atomic_open(path):
-    """Yield a binary file handle on a temporary file beside path; it replaces path only if the block completes."""
+    """Yield a binary file handle on a temporary file beside path; it replaces path only if the block completes.
+    The temporary file has a new, unique name (it never opens an existing file or link) and the umask's
+    permissions, so a group that shares the experiment shares its files; a link at path is replaced, not followed."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp_{os.path.basename(path)}.", dir=folder)  # named: its owner cleans up
+    fd, tmp = create_unique(folder, f".tmp_{os.path.basename(path)}.")  # named: its owner cleans up
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from a shared group
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         if isinstance(err, OSError) and err.filename is None:
             err.filename = path  # a failed write() names no file: name the one being written
         raise
+
+
+def create_unique(folder, prefix):
+    """(fd, path) of a new file prefix<8 random characters> in folder, opened for writing, with the umask's
+    permissions (0666 minus the umask, or the folder's default ACL)."""
+    while True:
+        path = os.path.join(folder, prefix + secrets.token_hex(4))
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), path
+        except FileExistsError:
+            continue
+
+
+def append_to(path):
+    """path opened for appending (binary), created with the umask's permissions and never through a symbolic link:
+    a link there is replaced by an empty file first (what it points to is not touched)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        with atomic_open(path):
+            pass
+        fd = os.open(path, flags, 0o666)
+    return os.fdopen(fd, "ab")
+
+
+def make_folders(base, path):
+    """Create the folders from base (which exists; it may be a link the user chose) down to path, each with the
+    umask's permissions (and the group of a setgid parent). A symbolic link or a file on the way raises OSError
+    naming it: the suite writes only into folders it made."""
+    current = base
+    for part in os.path.relpath(path, base).split(os.sep):
+        current = os.path.join(current, part)
+        try:
+            os.mkdir(current)
+        except FileExistsError:
+            pass
+        if os.path.islink(current):
+            raise OSError(errno.ELOOP, "is a symbolic link, not a folder the suite made", current)
+        if not os.path.isdir(current):
+            raise NotADirectoryError(errno.ENOTDIR, "is not a directory", current)
+
+
+def remove_path(path):
+    """Delete a file or a folder tree; a symbolic link is removed itself, never followed."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+RENAME_EXCHANGE = 2     # linux/fs.h: renameat2 swaps the two names
+AT_FDCWD = -100         # fcntl.h: paths relative to the working directory
+
+
+def exchange(a, b):
+    """Swap the names a and b in one step (Linux renameat2 RENAME_EXCHANGE, on ext4, xfs, btrfs, tmpfs, ...).
+    False where the system or the file system cannot (no renameat2, or NFS and others: EINVAL); OSError else."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def replace_folder(new, final):
+    """Put the complete folder new in final's place (both in one folder); returns (old, note): old is where the
+    previous final (a folder, file or link) now is, for the caller to delete, or None; note is '' when the swap was
+    one step, else the one line saying that this file system needed two renames (a kill between them leaves no
+    final, and both sets under temporary names)."""
+    if not os.path.lexists(final):
+        os.rename(new, final)
+        return None, ""
+    if exchange(new, final):
+        return new, ""
+    old = new + ".old"
+    os.rename(final, old)
+    os.rename(new, final)
+    return old, (f"note: this file system cannot swap two folders in one step (renameat2 RENAME_EXCHANGE), "
+                 f"so {final} was replaced by two renames")
+
+
+def fsync_folder(path):
+    """Make the names in a folder durable (after renames)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path, data):

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 import numpy as np  # noqa: E402
 
 from deepnet import activations, architectures, run_folder  # noqa: E402
@@ -31,6 +32,10 @@ def new_figure(n_panels=1, width=5.0, height=3.6, ncols=3):
 
 
 def save_figure(fig, path):
+    """Write fig to path as a PNG, atomically. Every text is drawn as written, never as math text: titles, legends
+    and panel names hold spec and layer names read from disk, in which a '$' must not break the plot."""
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

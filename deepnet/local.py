@@ -13,7 +13,7 @@ import sys
 import time
 
 from deepnet import architectures, commands, datasets, run_folder, status
-from deepnet_util import EXIT_RUNNING_ELSEWHERE, UserError, clock, load_json_object
+from deepnet_util import EXIT_RUNNING_ELSEWHERE, UserError, append_to, clock, load_json_object
 
 POLL_S = 0.5
 STOP_TIMEOUT_S = 180                # a stopped run gets this long to write its checkpoint
@@ -166,10 +166,11 @@ def child_environment(workers):
 
 
 def launch(settings, env):
-    """Start one run; its stdout and stderr are appended to its log file. Returns (process, log)."""
+    """Start one run; its stdout and stderr are appended to its log file (never through a symbolic link: one there
+    is replaced by a new log). Returns (process, log)."""
     path = commands.run_paths(settings)["log"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    log = open(path, "ab")
+    log = append_to(path)
     args = commands.command(settings)
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} deepnet_supervisor: {shlex.join(args)}\n".encode())
     log.flush()

@@ -9,7 +9,7 @@ import re
 import time
 
 from deepnet import run_folder
-from deepnet_util import atomic_open, save_json, save_pickle, save_text
+from deepnet_util import RunError, atomic_open, make_folders, save_json, save_pickle, save_text
 
 AF_VARIABLE = re.compile(r".+/(blend_weights_raw|swish_beta):0")
 TRAINABLE_VARIABLES = "trainable_variables"   # TF's graph collection (tf.GraphKeys.TRAINABLE_VARIABLES)
@@ -48,23 +48,22 @@ def write_run_info(paths, settings, record, status):
 
 
 def _plot_to(path, draw):
+    """Draw a figure and write it to path atomically (a temporary file with a unique name: no link is followed);
+    every text is drawn as written, never as math text (a '$' in a name must not break the plot)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.text import Text
     fig = plt.figure(figsize=(9, 5))
-    draw(fig.gca())
-    fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}")
     try:
-        fig.savefig(tmp, dpi=90)
-    except OSError as err:  # e.g. a full disk: name the file, leave no partial one
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        err.filename = err.filename or path
-        raise
+        draw(fig.gca())
+        for text in fig.findobj(Text):
+            text.set_parse_math(False)
+        fig.tight_layout()
+        with atomic_open(path) as handle:
+            fig.savefig(handle, format="png", dpi=90)
     finally:
         plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_learning_curves(record, path):
@@ -128,7 +127,8 @@ def log_final_metrics(writer, record):
 
 def write_hparams_config(exp_dir, settings_by_spec):
     """The experiment's HParams config in EXP/0_summaries/: spec_name, the settings that differ between
-    the specs, the always-shown ones, and the metrics. Replaces the config written before."""
+    the specs, the always-shown ones, and the metrics. Replaces the config written before (the new one is written
+    first). OSError naming 0_summaries when it is a symbolic link or a file (nothing is written or deleted there)."""
     from tensorboard.plugins.hparams import summary_v2 as hp
     values = [hparam_values(settings) for settings in settings_by_spec.values()]
     keys = sorted({key for v in values for key in v})
@@ -138,11 +138,25 @@ def write_hparams_config(exp_dir, settings_by_spec):
     config = hp.hparams_config_pb([hp.HParam(key) for key in shown],
                                   [hp.Metric(tag, display_name=name) for tag, name in HPARAM_METRICS.items()])
     folder = run_folder.summaries_dir(exp_dir)
-    for path in glob.glob(os.path.join(glob.escape(folder), f"*{HPARAMS_CONFIG_SUFFIX}")):
-        os.remove(path)
-    write_events(os.path.join(folder, f"events.out.tfevents.{int(time.time())}.{os.uname().nodename}"
-                                      f"{HPARAMS_CONFIG_SUFFIX}"), [config])
+    make_folders(exp_dir, folder)
+    path = os.path.join(folder, f"events.out.tfevents.{int(time.time())}.{os.uname().nodename}"
+                                f"{HPARAMS_CONFIG_SUFFIX}")
+    write_events(path, [config])
+    for before in glob.glob(os.path.join(glob.escape(folder), f"*{HPARAMS_CONFIG_SUFFIX}")):
+        if before != path and not os.path.isdir(before):
+            os.remove(before)  # a link is removed, not followed
     return shown
+
+
+def make_tensorboard_folder(paths):
+    """Create the run's TensorBoard folder EXP/0_summaries/<spec>_<run>/ with the umask's permissions (TensorFlow
+    makes its folders 0755 whatever the umask, which locks the rest of a group out of 0_summaries). A symbolic
+    link or a file on the way stops the run in one line (RunError), before TensorFlow writes through it."""
+    try:
+        make_folders(paths["exp"], paths["summaries"])
+    except OSError as err:
+        raise RunError(f"{paths['summaries']}: cannot write the TensorBoard summaries there "
+                       f"({err.filename}: {err.strerror})") from None
 
 
 def write_events(path, summaries):

@@ -339,13 +339,17 @@ def write_report(path, analysis):
                               ".csv). Δ = mean(spec) − mean(reference) in percentage points with its 95 % "
                               "Welch–Satterthwaite interval; pairs: runs of the same number in both specs; p values "
                               "two-sided, each test Holm-corrected over all specs; Hedges' g with the small-sample "
-                              "correction (significance.csv). Excluded: incomplete, unreadable or bad runs (test "
-                              "accuracy in (0, 0.3)). Diverged: runs whose loss turned non-finite; they are tested "
-                              "from the best checkpoint before the divergence (later validations count as 0, as in "
-                              "the original) and counted."), class_="note")]
+                              "correction (significance.csv). Excluded: running, incomplete, unreadable or bad runs "
+                              "(test accuracy in (0, 0.3)). Diverged: runs whose loss turned non-finite; they are "
+                              "tested from the best checkpoint before the divergence (later validations count as 0, as "
+                              "in the original) and counted."), class_="note")]
     if significance is None:
         parts.append(element("p", esc(f"No significance tests: the reference spec '{reference}' has no analysed run."),
                              class_="missing"))
+    running = [f"{row['spec_name']} run {row['run']}" for row in analysis.excluded if row["category"] == "running"]
+    if running:
+        parts.append(element("p", esc(f"Still running, so not analysed: {', '.join(running)}. Analyse again once "
+                                      "they have ended."), class_="missing"))
     notes = [f"{row['spec_name']} run {row['run']}: {row['reason']}" for row in analysis.excluded]
     notes += analysis.warnings
     notes += [f"{row['spec_name']} run {row['run']}: diverged at mb {row['diverged_at_mb']}; tested from mb "

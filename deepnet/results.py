@@ -7,19 +7,40 @@ import os
 import numpy as np
 
 from deepnet import data, identity, run_folder
+from deepnet.names import check_name, check_path, name_problem, shown
 from deepnet_util import UserError
 
 BAD_TEST_ACC = (0.0, 0.3)          # the original's bad-run rule: test acc in this open interval -> excluded
 VAL_MEAN_WARNING = (0.3, 0.95)     # the original's warning: mean val acc of the run outside this interval
 
 
-def check_experiment(exp_dir):
-    """The experiment's specs that have run folders (UserError if there is no such folder or run)."""
+def check_experiment(exp_dir, reference, out):
+    """The experiment's specs that have run folders. UserError if the folder does not exist or its name breaks the
+    rule (deepnet/names.py), if it holds no run, or if reference names no spec folder in it. A folder whose name
+    breaks the rule is no spec: it is skipped with one line."""
+    check_path("experiment folder", exp_dir)
     if not os.path.isdir(exp_dir):
         raise UserError(f"experiment folder {exp_dir} does not exist")
-    specs = [spec for spec in run_folder.spec_folders(exp_dir) if run_folder.run_numbers(exp_dir, spec)]
+    check_name("experiment folder", os.path.basename(os.path.abspath(exp_dir)))
+    folders = spec_names(exp_dir, out)
+    specs = [spec for spec in folders if run_folder.run_numbers(exp_dir, spec)]
     if not specs:
         raise UserError(f"experiment folder {exp_dir} holds no runs (no <spec>/run_<n> folders)")
+    if reference not in folders:
+        raise UserError(f"-reference {shown(reference)}: no spec folder of that name in {exp_dir} (its specs: "
+                        f"{', '.join(folders)})")
+    return specs
+
+
+def spec_names(exp_dir, out):
+    """The experiment's spec folders whose names pass the rule; each other folder is skipped with one line."""
+    specs = []
+    for name in run_folder.spec_folders(exp_dir):
+        problem = name_problem(name)
+        if problem:
+            out(f"skipped folder {shown(os.path.join(exp_dir, name))}: a spec name {problem}")
+        else:
+            specs.append(name)
     return specs
 
 
@@ -28,9 +49,13 @@ def recorder_path(exp_dir, spec, run):
 
 
 def check_run(exp_dir, spec, run):
-    """(recorder, None, None) for a complete run, else (None, category, reason); its settings in today's terms."""
+    """(recorder, None, None) for a complete run that no process is training, else (None, category, reason); its
+    settings in today's terms."""
     paths = run_folder.folder_paths(exp_dir, spec, run)
-    record = run_folder.run_state(paths, read_recorder=True).record
+    state = run_folder.run_state(paths, read_recorder=True)
+    if state.name == "running":
+        return None, "running", f"running ({state.holder}): analyse again once it has ended"
+    record = state.record
     if record is None:
         if not os.path.exists(paths["record"]):
             return None, "no_recorder", "no recorder file"

@@ -5,7 +5,7 @@ import heapq
 import os
 from collections import Counter
 
-from deepnet import commands, run_folder
+from deepnet import commands, names, run_folder
 from deepnet_util import clock
 
 
@@ -104,7 +104,7 @@ def kernel_counts(rows):
 def print_status(runs, workers, out=print):
     """The --status report: a row per run, counts per state, the ETA; returns 0."""
     host = os.uname().nodename
-    rows = [run_status(settings, host) for settings in runs]
+    rows = [run_status(settings, host) for settings in runs_with_valid_names(runs, out)]
     for line in status_table(rows):
         out(line)
     counts = {state: 0 for state in STATES}
@@ -120,6 +120,21 @@ def print_status(runs, workers, out=print):
         out("activation kernel: " + "; ".join(f"{kernel} in {n} run(s)" for kernel, n in kernels.items()))
     out(status_eta(rows, workers))
     return 0
+
+
+def runs_with_valid_names(runs, out):
+    """The runs whose experiment and spec names pass the rule (deepnet/names.py); one line per other name: its
+    folders are skipped, never read."""
+    valid, reported = [], set()
+    for settings in runs:
+        bad = {(what, settings[key]) for what, key in (("experiment", "experiment_name"), ("spec", "spec_name"))
+               if names.name_problem(settings[key])}
+        if not bad:
+            valid.append(settings)
+        for what, name in sorted(bad - reported):
+            out(f"skipped {what} {names.shown(name)}: its name {names.name_problem(name)}")
+        reported |= bad
+    return valid
 
 
 def finish_time(busy, pending, workers):

@@ -236,6 +236,7 @@ class Trainer:
             self.checkpointer = Checkpointer(self.model, paths["models"])
             self.init_op = tf.global_variables_initializer()
         self.graph.finalize()
+        outputs.make_tensorboard_folder(paths)  # with the umask's permissions: TensorFlow's would be 0755
         self.sess = tf.Session(graph=self.graph, config=session_config(self.threads))
         try:
             self.writer = tf.summary.FileWriter(paths["summaries"])
