@@ -14,6 +14,11 @@ Layout under ROOT (--root, default ./):
     1_data_<task>/train_set_gcn_zca/<task>_gcn_zca_params.npz   fitted gcn_zca parameters
 with <sfx> '' for variant none, '_ztrans' or '_gcn_zca'. Each pickle holds
 {'images': float32 (n, 32, 32, 3), 'labels': int64 (n,)} in raw order (batches 1..5, images in file order).
+A variant changes as a whole: each build writes all of its files into 1_data_<task>/.builds/<variant>-<id>/ (the
+sidecars name the build), then points the symlink .builds/<variant> at it in one rename; the paths above are
+symlinks through it. A kill at any moment leaves the old set or the new one; the next build removes what is left.
+Builds of one task wait for each other (a lock). Tests can stop or kill the script after each step on disk
+(DEEPNET_PREPROCESSING_STEP_HOOK, see _step).
 
 Variants. x is one image as its D = 32*32*3 = 3072 values in HWC order, n the number of training images.
     none     x as float32, values 0..255.
@@ -402,7 +407,7 @@ def _plan_task(root, task, variants, force, zca_eps=ZCA_EPS):
         todo.append(variant)
     raw = _read_raw_files(*raw_paths(root, task), task) if todo else None
     return {"root": root, "task": task, "variants": todo, "raw": raw, "md5s": md5s, "zca_eps": zca_eps,
-            "force": force}
+            "force": force, "requested": variants}
 
 
 def _save_split(path, images, labels):
@@ -464,25 +469,32 @@ def _build_variant(plan, variant):
 
 
 def _write_plan(plan):
-    """Build every variant a plan lists, each as a whole, under the task's lock; returns the written paths (the
-    variants' documented paths)."""
-    root, task, written = plan["root"], plan["task"], []
-    if not plan["variants"]:
-        return written
+    """Build every variant a plan lists under the task's lock, then remove old builds and what killed ones left;
+    returns the written paths (the variants' documented paths)."""
+    root, task = plan["root"], plan["task"]
+    if not plan["variants"] and not any(_leftovers(root, task, variant) for variant in plan["requested"]):
+        return []
     with _task_lock(root, task):
-        for variant in plan["variants"]:
-            if not plan["force"] and _output_state(root, task, variant, plan["md5s"], plan["zca_eps"])[0] == "current":
-                print(f"kept {task} {variant}: built meanwhile by another process")
-                continue
-            start = time.perf_counter()
-            _adopt_layout(root, task, variant)
-            _switch(root, task, variant, _build_variant(plan, variant))
-            _remove_old_builds(root, task, variant)
-            written += variant_files(root, task, variant)
-            train_pkl, test_pkl = output_paths(root, task, variant)
-            print(f"wrote {task} {variant} in {time.perf_counter() - start:.1f} s: {train_pkl} "
-                  f"({len(plan['raw']['train_labels'])} images), {test_pkl} ({len(plan['raw']['test_labels'])} images)")
+        written = [path for variant in plan["variants"] for path in _write_variant(plan, variant)]
+        for variant in plan["requested"]:
+            _remove_leftovers(root, task, variant)
     return written
+
+
+def _write_variant(plan, variant):
+    """Build one variant and switch to it, unless another process built it meanwhile; returns its documented paths
+    (none when kept)."""
+    root, task = plan["root"], plan["task"]
+    if not plan["force"] and _output_state(root, task, variant, plan["md5s"], plan["zca_eps"])[0] == "current":
+        print(f"kept {task} {variant}: built meanwhile by another process")
+        return []
+    start = time.perf_counter()
+    _adopt_layout(root, task, variant)
+    _switch(root, task, variant, _build_variant(plan, variant))
+    train_pkl, test_pkl = output_paths(root, task, variant)
+    print(f"wrote {task} {variant} in {time.perf_counter() - start:.1f} s: {train_pkl} "
+          f"({len(plan['raw']['train_labels'])} images), {test_pkl} ({len(plan['raw']['test_labels'])} images)")
+    return variant_files(root, task, variant)
 
 
 # ---------------------------------------------------------------- builds: a variant changes as a whole
@@ -610,18 +622,24 @@ def _keep(path, destination):
             shutil.copyfileobj(handle, out)
 
 
-def _remove_old_builds(root, task, variant):
-    """Remove the variant's build folders other than the current one and leftover temporary names (a killed
-    build's, too). Only under the task's lock: another process's build in progress is never touched."""
-    builds = builds_dir(root, task)
-    current = os.readlink(switch_path(root, task, variant))
-    temporary = {f".tmp_{os.path.basename(path)}." for path in variant_files(root, task, variant)}
-    leftovers = [os.path.join(builds, name) for name in os.listdir(builds)
-                 if name.startswith(f"{variant}-") and name != current or name.startswith(f".tmp_{variant}.")]
+def _leftovers(root, task, variant):
+    """The variant's build folders other than the current one and its leftover temporary names: what a finished
+    or killed build leaves behind. Removed only under the task's lock: another process's build in progress looks
+    the same."""
+    builds, switch = builds_dir(root, task), switch_path(root, task, variant)
+    current = os.path.basename(os.readlink(switch)) if os.path.islink(switch) else None
+    found = [os.path.join(builds, name) for name in (os.listdir(builds) if os.path.isdir(builds) else [])
+             if name.startswith(f"{variant}-") and name != current or name.startswith(f".tmp_{variant}.")]
+    temporary = tuple(f".tmp_{os.path.basename(path)}." for path in variant_files(root, task, variant))
     for folder in {os.path.dirname(path) for path in variant_files(root, task, variant)}:
-        leftovers += [os.path.join(folder, name) for name in os.listdir(folder)
-                      if any(name.startswith(prefix) for prefix in temporary)]
-    for path in leftovers:
+        found += [os.path.join(folder, name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                  if name.startswith(temporary)]
+    return found
+
+
+def _remove_leftovers(root, task, variant):
+    """Remove what _leftovers lists (under the task's lock)."""
+    for path in _leftovers(root, task, variant):
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         else:

@@ -164,7 +164,8 @@ def check_one_build(path, fingerprint):
     if builds[0] != builds[1]:
         named = [shown(build) if build else "no build" for build in builds]
         raise UserError(f"{path}: trained on {fingerprint['train']['file']} and {fingerprint['test']['file']}, which "
-                        f"are not from one preprocessing build ({named[0]} and {named[1]}); move the run out of the experiment or train it again")
+                        f"are not from one preprocessing build ({named[0]} and {named[1]}); move the run out of the "
+                        "experiment or train it again")
 
 
 def val_every(record):
