@@ -252,43 +252,59 @@ def step_number(steps, prefix, last=False):
 
 KILLS = {  # where the rebuild is killed: (step name prefix, the last such step?, the set it leaves)
     "in the move from the old layout": ("linked ", False, "old"),
-    "after the new training pickle": ("wrote ", False, "old"),
+    "after the new training pickle": ("wrote ", False, "old"),  # trained_after_a_kill: a run trains on what is left
     "after the switch, before the old build is removed": (f"switched {VARIANT} to ", True, "new"),
 }
+TRAINED_MOMENT = "after the new training pickle"
 
 
-@pytest.mark.parametrize("moment", list(KILLS))
-def test_a_rebuild_killed_leaves_a_whole_set_and_the_next_run_finishes_and_tidies_up(stopped_rebuild, old_root,
-                                                                                      tmp_path, moment):
-    prefix, last, expected = KILLS[moment]
-    root = fresh_copy(old_root, tmp_path)
-    killed = preprocess(root, *REBUILD, hook=str(step_number(stopped_rebuild["steps"], prefix, last)))
+def kill_and_finish(root, steps, moment, between=lambda: None):
+    """Kill a rebuild at a moment of KILLS, call between(), run it again to its end; returns what was seen: the set
+    after the kill and after the rerun, the builds training accepted, the rerun's output, the leftovers."""
+    prefix, last, _ = KILLS[moment]
+    killed = preprocess(root, *REBUILD, hook=str(step_number(steps, prefix, last)))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    state = set_state(root)
-    assert which_set(state, stopped_rebuild["old"], stopped_rebuild["new"]) == expected
-    assert accepted_by_training(root) == state[1]
+    seen = {"killed": set_state(root), "accepted": accepted_by_training(root), "between": between()}
     again = preprocess(root, *REBUILD)
     assert again.returncode == 0, again.stderr
-    assert ("kept cifar10 gcn_zca" if expected == "new" else "wrote cifar10 gcn_zca") in again.stdout
-    assert which_set(set_state(root), stopped_rebuild["old"], stopped_rebuild["new"]) == "new"
-    assert leftovers(root) == []
+    return dict(seen, output=again.stdout, finished=set_state(root), leftovers=leftovers(root))
+
+
+def assert_whole_set_then_finished(stopped_rebuild, seen, expected):
+    old, new = stopped_rebuild["old"], stopped_rebuild["new"]
+    assert which_set(seen["killed"], old, new) == expected
+    assert seen["accepted"] == seen["killed"][1]
+    assert ("kept cifar10 gcn_zca" if expected == "new" else "wrote cifar10 gcn_zca") in seen["output"]
+    assert which_set(seen["finished"], old, new) == "new" and seen["leftovers"] == []
+
+
+@pytest.mark.parametrize("moment", [moment for moment in KILLS if moment != TRAINED_MOMENT])
+def test_a_rebuild_killed_leaves_a_whole_set_and_the_next_run_finishes_and_tidies_up(stopped_rebuild, old_root,
+                                                                                      tmp_path, moment):
+    seen = kill_and_finish(fresh_copy(old_root, tmp_path), stopped_rebuild["steps"], moment)
+    assert_whole_set_then_finished(stopped_rebuild, seen, KILLS[moment][2])
 
 
 @pytest.fixture(scope="module")
 def trained_after_a_kill(stopped_rebuild, old_root, tmp_path_factory):
-    """A rebuild killed after its new training pickle; a tiny run trained on what it left; then the rebuild run
-    again to its end. Returns (root, the training's exit status, its recorder)."""
+    """A rebuild killed after its new training pickle, a tiny run trained on what it left, the rebuild run again to
+    its end. Returns (root, what kill_and_finish saw, with the training's exit status and recorder)."""
     root = fresh_copy(old_root, tmp_path_factory.mktemp("trained"))
-    killed = preprocess(root, *REBUILD, hook=str(step_number(stopped_rebuild["steps"], "wrote ")))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    code = run_cli(deepnet_main.main, run_argv(root, VARIANT))
-    record = load_pickle(os.path.join(root, "3_output_cifar", "exp", "spec", "run_1", "record_spec_run_1.pkl"))
-    assert preprocess(root, *REBUILD).returncode == 0
-    return root, code, record
+
+    def train():
+        code = run_cli(deepnet_main.main, run_argv(root, VARIANT))
+        return code, load_pickle(os.path.join(root, "3_output_cifar", "exp", "spec", "run_1", "record_spec_run_1.pkl"))
+
+    return root, kill_and_finish(root, stopped_rebuild["steps"], TRAINED_MOMENT, train)
+
+
+def test_a_rebuild_killed_after_its_training_pickle_leaves_the_old_set_and_the_next_run_finishes(
+        stopped_rebuild, trained_after_a_kill):
+    assert_whole_set_then_finished(stopped_rebuild, trained_after_a_kill[1], "old")
 
 
 def test_training_accepts_the_set_a_killed_rebuild_leaves(trained_after_a_kill):
-    _, code, record = trained_after_a_kill
+    code, record = trained_after_a_kill[1]["between"]
     assert code == 0 and record["test_completed"]
     assert record["data_fingerprint"]["train"]["parameters"]["zca_eps"] == float(OLD_EPS)
     assert record["data_fingerprint"]["test"]["parameters"]["zca_eps"] == float(OLD_EPS)
@@ -408,7 +424,7 @@ def test_mode_test_refuses_a_pair_of_two_builds(trained_after_a_kill, old_root, 
 
 
 def test_the_analysis_refuses_a_run_trained_on_a_pair_of_two_builds(trained_after_a_kill, tmp_path):
-    record = trained_after_a_kill[2]
+    record = trained_after_a_kill[1]["between"][1]
     fingerprint = record["data_fingerprint"]
     mixed = dict(fingerprint, train=dict(fingerprint["train"], build="gcn_zca-1"),
                  test=dict(fingerprint["test"], build="gcn_zca-2"))
