@@ -411,23 +411,33 @@ def test_training_refuses_a_pair_of_two_builds_in_one_line_writing_nothing(two_z
     assert snapshot(root) == before
 
 
-def test_mode_test_refuses_a_pair_of_two_builds(trained_after_a_kill, old_root, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained_ztrans(two_ztrans_builds, tmp_path_factory):
+    """A tiny run trained on the second ztrans build: (root, its recorder)."""
+    root = os.path.join(str(tmp_path_factory.mktemp("trained_ztrans")), "root")
+    shutil.copytree(two_ztrans_builds[0], root, symlinks=True)
+    assert run_cli(deepnet_main.main, run_argv(root, "ztrans")) == 0
+    return root, load_pickle(os.path.join(root, "3_output_cifar", "exp", "spec", "run_1", "record_spec_run_1.pkl"))
+
+
+def test_mode_test_refuses_a_pair_of_two_builds(trained_ztrans, two_ztrans_builds, tmp_path, capsys):
     root = str(tmp_path / "root")
-    shutil.copytree(trained_after_a_kill[0], root, symlinks=True)
-    train, test = datasets.output_paths(root, TASK, VARIANT)
-    for path in (test, datasets.sidecar_path(test)):  # the old set's test file beside the new training file
-        write_plain(path, read_bytes(path.replace(root, old_root)))
+    shutil.copytree(trained_ztrans[0], root, symlinks=True)
+    train, test = datasets.output_paths(root, TASK, "ztrans")
+    write_plain(test, two_ztrans_builds[1][0])  # the test set of the first build beside the training set of the second
+    write_plain(datasets.sidecar_path(test), two_ztrans_builds[1][1])
     before = snapshot(root)
-    code, errors = cli(run_argv(root, VARIANT, "-mode", "test"), capsys)
-    assert code == 2 and len(errors) == 1 and train in errors[0] and test in errors[0], errors
+    code, errors = cli(run_argv(root, "ztrans", "-mode", "test"), capsys)
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: "), errors
+    assert train in errors[0] and test in errors[0] and "not from one preprocessing build" in errors[0]
     assert snapshot(root) == before
 
 
-def test_the_analysis_refuses_a_run_trained_on_a_pair_of_two_builds(trained_after_a_kill, tmp_path):
-    record = trained_after_a_kill[1]["between"][1]
+def test_the_analysis_refuses_a_run_trained_on_a_pair_of_two_builds(trained_ztrans, tmp_path):
+    record = trained_ztrans[1]
     fingerprint = record["data_fingerprint"]
-    mixed = dict(fingerprint, train=dict(fingerprint["train"], build="gcn_zca-1"),
-                 test=dict(fingerprint["test"], build="gcn_zca-2"))
+    mixed = dict(fingerprint, train=dict(fingerprint["train"], build="ztrans-1"),
+                 test=dict(fingerprint["test"], build="ztrans-2"))
     exp = str(tmp_path / "3_output_cifar" / "mixed")
     path = results.recorder_path(exp, "relu", 1)
     os.makedirs(os.path.dirname(path))
@@ -438,6 +448,9 @@ def test_the_analysis_refuses_a_run_trained_on_a_pair_of_two_builds(trained_afte
     assert path in message and fingerprint["train"]["file"] in message and fingerprint["test"]["file"] in message
     assert "not from one preprocessing build" in message and len(message.splitlines()) == 1
     assert not os.path.exists(os.path.join(exp, "0_analysis"))
+    save_pickle(path, dict(record, spec_name="relu", run=1))  # one build: analysed
+    deepnet_analysis.analyse_experiment(exp, out=lambda line: None)
+    assert os.path.isdir(os.path.join(exp, "0_analysis"))
 
 
 # ---------------------------------------------------------------- every loader ends in one line
