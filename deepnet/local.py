@@ -47,7 +47,7 @@ def ensure_data(settings, synthetic_fallback, out=print):
 def read_text(path):
     """The text in path ('' if it cannot be read)."""
     try:
-        with open(path) as handle:
+        with open(path, errors="replace") as handle:  # a sidecar that is not UTF-8 is no traceback
             return handle.read()
     except OSError:
         return ""
