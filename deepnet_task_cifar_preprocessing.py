@@ -523,10 +523,11 @@ def _step(name):
 @contextlib.contextmanager
 def _task_lock(root, task):
     """Hold the task's preprocessing lock (an flock on .builds/.lock, released by the OS when the process dies),
-    waiting for another process that holds it: builds of one task never overlap."""
+    waiting for another process that holds it: builds of one task never overlap. The lock file is never opened
+    through a symbolic link (OSError naming it)."""
     path = os.path.join(builds_dir(root, task), ".lock")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a+") as handle:
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

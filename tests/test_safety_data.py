@@ -534,3 +534,16 @@ def test_other_unreadable_json_reads_as_none(tmp_path):
         path.write_bytes(content)
         assert load_json_object(str(path)) is None, name
     assert load_json_object(str(tmp_path)) is None  # a folder
+
+
+def test_the_supervisor_reads_a_sidecar_that_is_not_utf8_without_a_traceback(tmp_path):
+    from deepnet import local
+    import deepnet_supervisor as sv
+    root = str(tmp_path)
+    prep.write_synthetic_raw(root, TASK, n_train=20, n_test=10)
+    assert prep.preprocess_task(root, TASK, "ztrans")
+    sidecar = datasets.sidecar_path(datasets.output_paths(root, TASK, "ztrans")[0])
+    write_plain(sidecar, read_bytes(sidecar).replace(b'"synthetic', b'"\xff synthetic'))
+    lines = []
+    local.ensure_data(dict(sv.SETTINGS, path_relative=root), synthetic_fallback=False, out=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("note:") and "synthetic" in lines[0]
