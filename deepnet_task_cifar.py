@@ -65,10 +65,8 @@ def run_training(settings, out=print):
     if step != "finish":
         n_classes = datasets.N_CLASSES[settings["task"]]
         train_path, test_path = datasets.data_files(settings)
-        train, test = data.load_dataset(train_path, n_classes), data.load_dataset(test_path, n_classes)
+        train, test, fingerprint = data.load_pair(train_path, test_path, n_classes, settings["path_relative"])
         data.check_data_fits(settings, len(train[1]))
-        fingerprint = {"train": data.dataset_fingerprint(train_path, *train, settings["path_relative"]),
-                       "test": data.dataset_fingerprint(test_path, *test, settings["path_relative"])}
         _resume_point(settings, paths, step, fingerprint, len(train[1]), out=lambda line: None)  # refusal: no writes
     with run_folder.run_lock(paths), trainer.StopRequest() as stop:
         state = run_folder.run_state(paths, read_recorder=True, locked_here=True)  # again, now that it is ours
@@ -139,6 +137,7 @@ def run_test(settings, out=print):
         raise UserError(f"{paths['models']}: no saved model for {settings['spec_name']} run {settings['run']}")
     record = run_folder.read_record(paths["record"])[0] or run_folder.newest_readable_record(paths) or {}
     mb = record["early_stopping_mb"] if record.get("early_stopping_mb") in with_model else max(with_model)
+    data.check_one_build(*datasets.data_files(settings))
     test_path = datasets.data_files(settings)[1]
     test_images, test_labels = data.load_dataset(test_path, datasets.N_CLASSES[settings["task"]])
     if record:

@@ -193,16 +193,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module in ("numpy", "numpy.dtypes") and name.endswith("DType"):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused global '{module}.{name}' (only numpy arrays and "
+        from deepnet.names import shown  # here: deepnet.names imports this module
+        raise pickle.UnpicklingError(f"refused global {shown(f'{module}.{name}')} (only numpy arrays and "
                                      "builtin containers are allowed)")
 
 
 def load_pickle(path, encoding="ASCII"):
     """Load a pickle that may hold only numpy arrays/dtypes and builtin containers.
 
-    Any problem (missing, truncated, malformed, forbidden content) raises UserError naming the file.
-    Python-2 pickles (the official CIFAR batches) need encoding='bytes'.
+    Any problem (missing, truncated, malformed, forbidden content, and any exception while unpickling, such as an
+    unknown codec for _codecs.encode) raises UserError naming the file, in one line. Python-2 pickles (the official
+    CIFAR batches) need encoding='bytes'.
     """
+    from deepnet.names import shown  # here: deepnet.names imports this module
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -212,9 +215,8 @@ def load_pickle(path, encoding="ASCII"):
         return _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
     except pickle.UnpicklingError as err:
         raise UserError(f"{path}: {err}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            UnicodeDecodeError, MemoryError, ImportError) as err:
-        raise UserError(f"{path}: not a valid pickle ({type(err).__name__}: {err})") from None
+    except Exception as err:  # whatever the file makes the unpickler or an allowed global raise
+        raise UserError(f"{path}: not a valid pickle ({type(err).__name__}: {shown(err)})") from None
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -355,14 +357,29 @@ def save_pickle_streamed(path, obj):
         pickle.dump(obj, handle, protocol=5)
 
 
+MAX_JSON_DEPTH = 32  # the suite's JSON files nest a few levels; deeper ones would break what reads them
+
+
 def load_json_object(path):
-    """The JSON object (dict) in path, or None when it is missing, unreadable or not an object."""
+    """The JSON object (dict) in path, or None when it is missing, unreadable, not an object or nested deeper than
+    MAX_JSON_DEPTH."""
     try:
         with open(path) as handle:
             value = json.load(handle)
-    except (OSError, ValueError):
+    except Exception:  # OSError, ValueError, RecursionError (nesting beyond the interpreter's limit), MemoryError
         return None
-    return value if isinstance(value, dict) else None
+    return value if isinstance(value, dict) and not nested_deeper(value, MAX_JSON_DEPTH) else None
+
+
+def nested_deeper(value, depth):
+    """Whether the lists and dicts in value nest more than depth levels (counted level by level, no recursion)."""
+    level = [value]
+    for _ in range(depth + 1):
+        containers = [item for item in level if isinstance(item, (list, dict))]
+        if not containers:
+            return False
+        level = [child for item in containers for child in (item.values() if isinstance(item, dict) else item)]
+    return True
 
 
 def save_json(path, obj):

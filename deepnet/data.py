@@ -8,7 +8,48 @@ import numpy as np
 
 from deepnet import schedule
 from deepnet.datasets import sidecar_path
+from deepnet.names import shown
 from deepnet_util import UserError, load_json_object, load_pickle
+
+
+def build_of(path):
+    """The preprocessing build a data file comes from, as its sidecar names it (None without a sidecar, or with one
+    written before builds were recorded)."""
+    return _build_named(load_json_object(sidecar_path(path)) or {})
+
+
+def _build_named(sidecar):
+    build = sidecar.get("build")
+    return None if build is None else str(build)
+
+
+def check_one_build(train_path, test_path):
+    """The build a training and a test file both come from (None when neither sidecar names one); UserError naming
+    both files when their sidecars name different builds. Files not there are left to load_dataset to report."""
+    if not (os.path.isfile(train_path) and os.path.isfile(test_path)):
+        return None
+    train, test = build_of(train_path), build_of(test_path)
+    if train != test:
+        named = [shown(build) if build else "no build" for build in (train, test)]
+        raise UserError(f"{train_path} and {test_path}: not from one preprocessing build (their sidecars name "
+                        f"{named[0]} and {named[1]}); preprocess this variant again with "
+                        "deepnet_task_cifar_preprocessing.py --force")
+    return train
+
+
+def load_pair(train_path, test_path, n_classes, root):
+    """(training images and labels, test images and labels, their fingerprints {'train', 'test'}) of one
+    preprocessing build (load_dataset, dataset_fingerprint); UserError naming both files when they are not from
+    one build, or were switched to another build while being read."""
+    build = check_one_build(train_path, test_path)
+    train, test = load_dataset(train_path, n_classes), load_dataset(test_path, n_classes)
+    fingerprint = {"train": dataset_fingerprint(train_path, *train, root),
+                   "test": dataset_fingerprint(test_path, *test, root)}
+    if fingerprint["train"]["build"] != build or fingerprint["test"]["build"] != build:
+        raise UserError(f"{train_path} and {test_path}: replaced by another preprocessing build while being read; "
+                        "run the command again")
+    return train, test, fingerprint
+
 
 def load_dataset(path, n_classes):
     """Images (n,32,32,3) float32 and labels (n,) int64 from a preprocessed pickle, validated.
@@ -134,10 +175,11 @@ def _sha256(*arrays):
 
 def dataset_fingerprint(path, images, labels, root):
     """What identifies a data file: its path under -path_relative, its image count, a sha256 of the arrays as
-    training reads them, and its sidecar's preprocessing parameters (None without a sidecar; for messages)."""
+    training reads them, and its sidecar's preprocessing parameters and build (None without a sidecar; for messages
+    and the analysis's check that a run's training and test files come from one build)."""
     sidecar = load_json_object(sidecar_path(path)) or {}
     return {"file": os.path.relpath(path, root), "images": len(labels), "sha256": _sha256(images, labels),
-            "parameters": sidecar.get("parameters")}
+            "parameters": sidecar.get("parameters"), "build": _build_named(sidecar)}
 
 
 def split_fingerprint(split):

@@ -120,7 +120,7 @@ def disk_warnings(runs):
 def read_text(path):
     """The text in path ('' if it cannot be read)."""
     try:
-        with open(path) as handle:
+        with open(path, errors="replace") as handle:  # a sidecar that is not UTF-8 is no traceback
             return handle.read()
     except OSError:
         return ""

@@ -23,7 +23,7 @@ import subprocess
 import numpy as np
 
 from deepnet import datasets
-from deepnet_util import save_text
+from deepnet_util import MAX_JSON_DEPTH, load_json_object, save_text
 
 GIT_TIMEOUT_S = 5
 MISSING = "—"
@@ -239,16 +239,16 @@ def data_section(exp_dir, settings):
 def sidecar_table(path):
     if not os.path.isfile(path):
         return element("p", esc(f"{path}: absent"), class_="missing")
-    try:
-        with open(path) as handle:
-            sidecar = json.load(handle)
-    except (OSError, ValueError) as err:
-        return element("p", esc(f"{path}: unreadable ({err})"), class_="missing")
+    sidecar = load_json_object(path)
+    if sidecar is None:
+        return element("p", esc(f"{path}: unreadable (not a JSON object of at most {MAX_JSON_DEPTH} levels)"),
+                       class_="missing")
     rows = [["file", path]]
-    for key in ("variant", "split", "images_shape", "num_classes", "written_by"):
+    for key in ("variant", "split", "images_shape", "num_classes", "build", "written_by"):
         if key in sidecar:
             rows.append([key, setting_text(sidecar[key])])
-    for name, md5 in sorted((sidecar.get("source_md5") or {}).items()):
+    md5s = sidecar.get("source_md5")
+    for name, md5 in sorted(md5s.items() if isinstance(md5s, dict) else []):
         rows.append([f"md5 of raw {name}", md5])
     if sidecar.get("parameters"):
         rows.append(["parameters", json.dumps(sidecar["parameters"], sort_keys=True)])

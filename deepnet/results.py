@@ -165,6 +165,7 @@ def check_same_data(exp_dir, specs):
             if not fingerprint:
                 continue
             path = recorder_path(exp_dir, spec, run)
+            check_one_build(path, fingerprint)
             dataset = (settings.get("task"), settings.get("preprocessing"))
             split_keys = ("seed", "create_val_set", "val_set_fraction", "minibatch_size")
             split = (*dataset, *(settings.get(key) for key in split_keys))
@@ -178,6 +179,17 @@ def check_same_data(exp_dir, specs):
             change = data.split_change(before["split"], fingerprint["split"])
             if change:
                 raise UserError(f"{path}: trained on another split than {other_split} ({change})")
+
+
+def check_one_build(path, fingerprint):
+    """UserError naming a recorder and its training and test files when their fingerprints name different
+    preprocessing builds (fingerprints without builds are not compared)."""
+    builds = [fingerprint[key].get("build") for key in ("train", "test")]
+    if builds[0] != builds[1]:
+        named = [shown(build) if build else "no build" for build in builds]
+        raise UserError(f"{path}: trained on {fingerprint['train']['file']} and {fingerprint['test']['file']}, which "
+                        f"are not from one preprocessing build ({named[0]} and {named[1]}); move the run out of the "
+                        "experiment or train it again")
 
 
 def val_every(record):
