@@ -70,7 +70,7 @@ def run_training(settings, out=print):
         fingerprint = {"train": data.dataset_fingerprint(train_path, *train, settings["path_relative"]),
                        "test": data.dataset_fingerprint(test_path, *test, settings["path_relative"])}
         _resume_point(settings, paths, step, fingerprint, len(train[1]), out=lambda line: None)  # refusal: no writes
-    with run_folder.run_lock(paths), trainer.StopRequest() as stop:
+    with run_folder.run_lock(paths) as lock, trainer.StopRequest() as stop:
         state = run_folder.run_state(paths, read_recorder=True, locked_here=True)  # again, now that it is ours
         step = next_step(paths, state)
         if step in ("finish", "refuse"):
@@ -85,7 +85,7 @@ def run_training(settings, out=print):
         run_data = data.Data(train, test, split, settings["minibatch_size"])
         del train
         return trainer.Trainer(settings, paths, run_data, af_init, out, stop, fingerprint,
-                               (start or {}).get("threads")).run()
+                               (start or {}).get("threads"), lock).run()
 
 
 def _resume_point(settings, paths, step, fingerprint, n_images, out):

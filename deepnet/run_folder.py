@@ -295,6 +295,20 @@ def run_lock(paths):
     return RunLock(paths["lock"])
 
 
+def lock_lost(lock):
+    """'' while the file at the held lock's path is the one this process locked (same file: device and inode of
+    the path and of the open handle), else why not: deleted with the run folder, or replaced. Then another
+    process may lock the run's new lock file, so the holder must stop writing."""
+    try:
+        on_disk = os.stat(lock.path)
+    except OSError as err:  # deleted (with its folder), or its folder replaced
+        return f"its lock {lock.path} is gone ({err.strerror})"
+    held = os.fstat(lock.handle.fileno())
+    if (on_disk.st_dev, on_disk.st_ino) != (held.st_dev, held.st_ino):
+        return f"its lock {lock.path} was replaced by another file"
+    return ""
+
+
 RunState = namedtuple("RunState", "name status holder record problem")
 
 
