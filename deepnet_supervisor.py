@@ -328,8 +328,13 @@ def is_complete(settings):
 
 
 def af_weights_problem(runs):
-    """None, or one line naming the sweep to run first and how many AF-weights files are missing."""
-    needed, missing = missing_af_weights([s for s in runs if not is_complete(s)])
+    """None, or one line naming the sweep to run first and how many AF-weights files are missing, or the first
+    file that cannot be used (unfit, or values that are not finite)."""
+    todo = [s for s in runs if not is_complete(s)]
+    needed, missing = missing_af_weights(todo)
+    if needed and not missing:
+        from deepnet import activations  # imports numpy: only for runs that start from predefined AF weights
+        return activations.af_weights_problem(todo, commands.REPO_DIR) or None
     if not missing:
         return None
     folders = sorted({folder for folder, _, _ in missing})

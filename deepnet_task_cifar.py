@@ -25,17 +25,13 @@ tf = net.tf
 
 def prepare(settings):
     """What can be checked before anything is written: the data are there, the predefined AF weights can be read
-    (UserError if not). Returns the initial AF weights (None: the default)."""
+    and are fit and finite (UserError if not). Returns the initial AF weights (None: the default)."""
     for path in datasets.data_files(settings):
         if not os.path.isfile(path):
             raise UserError(f"{path}: preprocessed data not found (run deepnet_task_cifar_preprocessing.py --task "
                             f"{settings['task']} --variant {settings['preprocessing']} --root "
                             f"{settings['path_relative']})")
-    if settings["af_weights_init"] != "predefined":
-        return None
-    return activations.predefined_af_init(run_folder.af_weights_source_dir(settings), settings["load_af_weights_from"],
-                                          settings["run"], settings["network"], settings["af_set"],
-                                          settings["norm_blendw_at_init"])
+    return activations.initial_af_weights(settings)
 
 
 def next_step(paths, state):
