@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 
-from deepnet import architectures, datasets, names
+from deepnet import architectures, datasets, identity, names
 from deepnet_util import UserError, run_cli
 
 # The flags' choices. Importing this module imports neither TensorFlow nor numpy (the supervisor's --status reads
@@ -134,8 +134,7 @@ def check_flags(settings):
              f"{len(settings['lr_step_multi'])} multipliers for {len(settings['lr_step_ep'])} -lr_step_ep epochs")
     _require(all(e >= 0 for e in settings["lr_step_ep"]), "lr_step_ep", "epochs must be >= 0")
     _require(all(math.isfinite(m) and m > 0 for m in settings["lr_step_multi"]), "lr_step_multi", "must be positive")
-    if settings["seed"] is None:
-        settings["seed"] = settings["run"]
+    settings["seed"] = identity.with_default_seed(settings)["seed"]
     _require(0 <= settings["seed"] < 2 ** 32, "seed",
              f"must lie in 0 .. 2**32 - 1 (default: the -run number), got {settings['seed']}")
     from deepnet import activations  # after the cheap checks (it imports numpy)

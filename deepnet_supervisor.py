@@ -24,7 +24,7 @@ import os
 import shlex
 import sys
 
-from deepnet import cluster, commands, local, run_folder, status
+from deepnet import cluster, commands, identity, local, run_folder, status
 from deepnet_util import UserError, run_cli
 
 # ---------------------------------------------------------------- settings (every deepnet_main.py flag)
@@ -303,6 +303,27 @@ def split_by_state(runs, out):
     return todo, elsewhere
 
 
+def differing_runs_problem(runs, shown=3):
+    """None, or one line naming each difference (flag, recorded value -> selected value) between the selection's
+    settings and those its runs were started with, with the runs that have it: a complete run would be skipped and
+    show its old result under the new settings, an unfinished one would refuse to resume. Reads each run's
+    status.json (runs of older suites: their recorder)."""
+    found = {}
+    for settings in runs:
+        paths = commands.run_paths(settings)
+        started = identity.started_settings(paths, run_folder.read_status(paths), read_recorder=True)
+        differences = identity.settings_differences(settings, started) if started is not None else []
+        if differences:
+            found.setdefault(identity.describe(differences), []).append(commands.run_name(settings))
+    if not found:
+        return None
+    more = lambda items: f" and {len(items) - shown} more" if len(items) > shown else ""  # noqa: E731
+    groups = [f"{text} in {', '.join(names[:shown])}{more(names)}" for text, names in found.items()]
+    return (f"{sum(map(len, found.values()))} of the {len(runs)} selected runs were started with other settings "
+            f"({'; '.join(groups[:shown])}{more(groups)}): their results stand for those; select the settings they "
+            "were started with, or another --experiment")
+
+
 # ---------------------------------------------------------------- predefined AF weights: the sweep they come from
 
 def af_weight_source(settings):
@@ -415,6 +436,11 @@ def main(argv=None, out=print):
     for settings in runs:
         commands.check_with_main(commands.command(settings))
     to_stderr = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    differing = differing_runs_problem(runs)
+    if differing and not args.dry_run:
+        raise UserError(differing)
+    if differing:
+        to_stderr(f"warning: {differing}")
     problem = af_weights_problem(runs)
     if problem and not args.dry_run:
         raise UserError(f"--sweep {args.sweep}: {problem}")

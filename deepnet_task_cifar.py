@@ -56,6 +56,8 @@ def run_training(settings, out=print):
     if state.name == "running":
         raise RunningElsewhere(f"{paths['run_dir']}: this run is already running ({state.holder})")
     step = next_step(paths, state)
+    if step == "finish":  # a complete run's result stands for the settings it was trained with
+        identity.check_same_settings(settings, state.record, complete=True)
     if step == "refuse":  # nothing to do and nothing to write
         return _finished(settings, paths, step, state.record, out)
     if step != "finish":

@@ -230,17 +230,26 @@ def number(value):
 
 
 def read_status(paths):
-    """status.json's fields (numbers that are not numbers read as None, the rest as text), or None when it is
-    missing or unreadable."""
+    """status.json's fields (numbers that are not numbers read as None, the settings as a dict or None, the rest
+    as text), or None when it is missing or unreadable."""
     status = load_json_object(paths["status"])
     if status is None:
         return None
-    return {key: number(value) if key in STATUS_NUMBERS else None if value is None else str(value)
-            for key, value in status.items()}
+    return {key: _status_field(key, value) for key, value in status.items()}
+
+
+def _status_field(key, value):
+    """One field of status.json as read_status gives it."""
+    if key in STATUS_NUMBERS:
+        return number(value)
+    if key == "settings":
+        return value if isinstance(value, dict) else None
+    return None if value is None else str(value)
 
 
 class RunStatus:
-    """Writes the run's small status.json, beside the recorder, for --status and the supervisor."""
+    """Writes the run's small status.json, beside the recorder, for --status and the supervisor; it holds the
+    settings the run was started with (the recorder's), so that they check a run's identity without reading it."""
 
     def __init__(self, paths, settings):
         self.paths, self.settings, self.started = paths, settings, time.monotonic()
@@ -257,7 +266,8 @@ class RunStatus:
             "last_checkpoint_mb": self.last_checkpoint_mb, "diverged_at_mb": record.get("diverged_at_mb"),
             "activation_kernel": record.get("activation_kernel"),
             "train_seconds": self.seconds_before + time.monotonic() - self.started,
-            "updated": time.time(), "message": message, "record_bytes": _file_size(self.paths["record"])})
+            "updated": time.time(), "message": message, "record_bytes": _file_size(self.paths["record"]),
+            "settings": record.get("settings")})
 
 
 def _file_size(path):
