@@ -84,7 +84,7 @@ def _clipnorm(w, clip, total):
 
 def parse_af_set(af_set):
     """'5_blend5_swish' -> ('relu', 'jelu', 'tanh', 'jswish', 'linu'); ValueError if malformed."""
-    match = re.fullmatch(r"(\d+)_(.+)", str(af_set))
+    match = re.fullmatch(r"([0-9]+)_(.+)", str(af_set))  # ASCII digits only: int() would read '١' as 1
     if not match:
         raise ValueError(f"activation set '{af_set}' is not of the form <count>_<functions>, "
                          "e.g. 1_relu, 5_blend5_swish or 3_relu+tanh+jswish")

@@ -49,3 +49,25 @@ def activated_layers(network):
 
 def n_dropout_layers(network):
     return sum(layer[0] == "dropout" for layer in ARCHITECTURES[network])
+
+
+def n_trainable_weights(network, n_classes, image_shape=(32, 32, 3)):
+    """How many numbers the weighted layers hold (weights and biases, batch norm's scale and offset; not the few
+    AF weights): what a snapshot of all weights stores, without TensorFlow ('SAME' pooling: ceil(size / stride))."""
+    height, width, channels = image_shape
+    total = 0
+    for layer in ARCHITECTURES[network]:
+        kind = layer[0]
+        if kind in ("maxpool", "avgpool"):
+            height, width = -(-height // layer[2]), -(-width // layer[2])
+            continue
+        if kind == "dropout":
+            continue
+        inputs = channels if kind == "conv" else height * width * channels
+        outputs = layer[2] if kind == "conv" else n_classes if kind == "logits" else layer[1]
+        total += (layer[1] ** 2 if kind == "conv" else 1) * inputs * outputs + outputs
+        total += 2 * outputs if network in BATCH_NORM_NETWORKS and kind != "logits" else 0
+        channels = outputs
+        if kind != "conv":
+            height = width = 1
+    return total
