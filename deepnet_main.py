@@ -8,9 +8,10 @@ Flags keep the original suite's single-dash names (a double dash works too). Eve
 """
 import argparse
 import math
+import re
 import sys
 
-from deepnet import architectures, datasets, names
+from deepnet import architectures, datasets, identity, names
 from deepnet_util import UserError, run_cli
 
 # The flags' choices. Importing this module imports neither TensorFlow nor numpy (the supervisor's --status reads
@@ -25,6 +26,33 @@ OPTIMIZERS = ("Adam", "SGD", "Momentum", "Nesterov")
 LR_SCHEDULES = ("constant", "decay", "linear", "step")
 BLEND_MODES = ("unrestricted", "normalized", "posnormed", "absnormed", "softmaxed", "clipnormed")
 AF_INITS = ("default", "predefined")
+
+# Bounds on what sizes a run's memory and disk, checked before anything is written.
+MAX_MINIBATCHES = 10 ** 8         # -n_minibatches (and -safe_*_ws_n: more saves than minibatches save each one)
+MAX_RUN = 2 ** 32 - 1             # -run: the default seed's range; its digits fit every file name (deepnet/names.py)
+MAX_WEIGHT_SAVES = 100_000        # AF-weights / all-weights saves of each kind: min(-safe_*_ws_n, -n_minibatches)
+MAX_VALIDATIONS = 20_000          # validations (-n_minibatches / -val_every): the recorder keeps each one's results
+DISK_WARNING_BYTES = 2 ** 30      # a run whose all-weights snapshots take more gets a warning line on stderr
+
+
+def whole_number(text):
+    """An int flag's value: ASCII digits, optionally after '-' (int() would also read '١' or '1_0')."""
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number (ASCII digits)")
+    return int(text)
+
+
+def real_number(text):
+    """A float flag's value, in ASCII (float() would also read '١.٥' or '1_0')."""
+    if not text.isascii() or "_" in text:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number (ASCII digits)")
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+
+
+PARSERS = {int: whole_number, float: real_number}  # FLAGS names the types; the command line is read with these
 
 
 def boolean(text):
@@ -93,7 +121,7 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s [-h] [-FLAG VALUE ...]",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for name, kind, default, text, *nargs in FLAGS:
-        p.add_argument(f"-{name}", f"--{name}", dest=name, type=kind, default=default, help=text,
+        p.add_argument(f"-{name}", f"--{name}", dest=name, type=PARSERS.get(kind, kind), default=default, help=text,
                        nargs=nargs[0] if nargs else None, metavar=name.upper())
     return p
 
@@ -113,7 +141,7 @@ def check_flags(settings):
                           ("mode", MODES), ("optimizer", OPTIMIZERS), ("lr_schedule_type", LR_SCHEDULES),
                           ("blend_mode", BLEND_MODES), ("af_weights_init", AF_INITS), ("bn_inference", BN_INFERENCE)):
         _choice(settings, flag, choices)
-    for flag in ("experiment_name", "spec_name", "load_af_weights_experiment", "load_af_weights_from"):
+    for flag in ("experiment_name", "spec_name", "load_af_weights_experiment", "load_af_weights_from", "reference"):
         if flag.startswith("load_af_weights") and not settings[flag]:
             continue  # empty: this run's own experiment / no predefined AF weights
         names.check_name(f"-{flag}", settings[flag])
@@ -122,8 +150,9 @@ def check_flags(settings):
                       ("safe_af_ws_n", 0), ("safe_all_ws_n", 0), ("epochs_between_checkpoints", 1),
                       ("val_every", 1)):
         _require(settings[flag] >= low, flag, f"must be at least {low}, got {settings[flag]}")
-    _require(settings["n_minibatches"] <= 10 ** 8, "n_minibatches",
+    _require(settings["n_minibatches"] <= MAX_MINIBATCHES, "n_minibatches",
              f"{settings['n_minibatches']} is beyond any sensible run")
+    check_sizes(settings)
     for flag in ("lr", "lr_decay", "lr_lin_min", "wd_lambda", "walltime"):
         _require(math.isfinite(settings[flag]) and settings[flag] >= 0, flag,
                  f"must be a finite number >= 0, got {settings[flag]}")
@@ -134,10 +163,10 @@ def check_flags(settings):
              f"{len(settings['lr_step_multi'])} multipliers for {len(settings['lr_step_ep'])} -lr_step_ep epochs")
     _require(all(e >= 0 for e in settings["lr_step_ep"]), "lr_step_ep", "epochs must be >= 0")
     _require(all(math.isfinite(m) and m > 0 for m in settings["lr_step_multi"]), "lr_step_multi", "must be positive")
-    if settings["seed"] is None:
-        settings["seed"] = settings["run"]
+    settings["seed"] = identity.with_default_seed(settings)["seed"]
     _require(0 <= settings["seed"] < 2 ** 32, "seed",
              f"must lie in 0 .. 2**32 - 1 (default: the -run number), got {settings['seed']}")
+    _require(settings["run"] <= MAX_RUN, "run", f"must lie in 0 .. 2**32 - 1, got {settings['run']}")
     from deepnet import activations  # after the cheap checks (it imports numpy)
     try:
         activations.parse_af_set(settings["af_set"])
@@ -154,8 +183,44 @@ def check_flags(settings):
     return settings
 
 
+def check_sizes(settings):
+    """The settings that size a run's memory and disk are within bounds (UserError if not): each kind of weight
+    save (at most one per minibatch) and the validations."""
+    from deepnet import schedule  # imports numpy: after the cheap checks
+    for flag in ("safe_af_ws_n", "safe_all_ws_n"):
+        _require(settings[flag] <= MAX_MINIBATCHES, flag, f"{settings[flag]} is beyond any sensible run")
+        saves = schedule.n_weight_saves(settings[flag], settings["n_minibatches"])
+        _require(saves <= MAX_WEIGHT_SAVES, flag, f"{saves} saves (one per minibatch at most) are more than "
+                 f"{MAX_WEIGHT_SAVES}")
+    validations = schedule.n_validations(settings)
+    _require(validations <= MAX_VALIDATIONS, "val_every",
+             f"{validations} validations of {settings['n_minibatches']} minibatches are more than {MAX_VALIDATIONS}: "
+             f"use -val_every {math.ceil(settings['n_minibatches'] / (MAX_VALIDATIONS - 2))} or more")
+
+
+def all_weights_snapshots(settings):
+    """(how many snapshots of all weights the run writes at most: -safe_all_ws_n's and the tested model's, bytes
+    each: float32 numbers, from the network's layer lists)."""
+    from deepnet import schedule
+    snapshots = schedule.n_weight_saves(settings["safe_all_ws_n"], settings["n_minibatches"]) + \
+        settings["save_all_weights_at_test_mb"]
+    return snapshots, 4 * architectures.n_trainable_weights(settings["network"], datasets.N_CLASSES[settings["task"]])
+
+
+def disk_warning(settings):
+    """'' or a warning line when the run's all-weights snapshots take more than DISK_WARNING_BYTES."""
+    snapshots, size = all_weights_snapshots(settings)
+    if snapshots * size <= DISK_WARNING_BYTES:
+        return ""
+    return (f"warning: -safe_all_ws_n {settings['safe_all_ws_n']}: up to {snapshots} snapshots of all weights "
+            f"({size / 1e6:.1f} MB each) take about {snapshots * size / 1e9:.1f} GB in 0_all_weights/ for this run")
+
+
 def main(argv=None):
     settings = check_flags(vars(parser().parse_args(argv)))
+    warning = disk_warning(settings) if settings["mode"] == "training" else ""
+    if warning:
+        print(warning, file=sys.stderr)
     if settings["mode"] == "analysis":
         import deepnet_analysis
         from deepnet.run_folder import experiment_dir

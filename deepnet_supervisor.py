@@ -25,7 +25,7 @@ import re
 import shlex
 import sys
 
-from deepnet import cluster, commands, local, names, run_folder, status
+from deepnet import cluster, commands, identity, local, names, run_folder, status
 from deepnet_util import UserError, run_cli
 
 # ---------------------------------------------------------------- settings (every deepnet_main.py flag)
@@ -332,6 +332,27 @@ def split_by_state(runs, out):
     return todo, elsewhere
 
 
+def differing_runs_problem(runs, shown=3):
+    """None, or one line naming each difference (flag, recorded value -> selected value) between the selection's
+    settings and those its runs were started with, with the runs that have it: a complete run would be skipped and
+    show its old result under the new settings, an unfinished one would refuse to resume. Reads each run's
+    status.json (runs of older suites: their recorder)."""
+    found = {}
+    for settings in runs:
+        paths = commands.run_paths(settings)
+        started = identity.started_settings(paths, run_folder.read_status(paths), read_recorder=True)
+        differences = identity.settings_differences(settings, started) if started is not None else []
+        if differences:
+            found.setdefault(identity.describe(differences), []).append(commands.run_name(settings))
+    if not found:
+        return None
+    more = lambda items: f" and {len(items) - shown} more" if len(items) > shown else ""  # noqa: E731
+    groups = [f"{text} in {', '.join(names[:shown])}{more(names)}" for text, names in found.items()]
+    return (f"{sum(map(len, found.values()))} of the {len(runs)} selected runs were started with other settings "
+            f"({'; '.join(groups[:shown])}{more(groups)}): their results stand for those; select the settings they "
+            "were started with, or another --experiment")
+
+
 # ---------------------------------------------------------------- predefined AF weights: the sweep they come from
 
 def af_weight_source(settings):
@@ -357,8 +378,13 @@ def is_complete(settings):
 
 
 def af_weights_problem(runs):
-    """None, or one line naming the sweep to run first and how many AF-weights files are missing."""
-    needed, missing = missing_af_weights([s for s in runs if not is_complete(s)])
+    """None, or one line naming the sweep to run first and how many AF-weights files are missing, or the first
+    file that cannot be used (unfit, or values that are not finite)."""
+    todo = [s for s in runs if not is_complete(s)]
+    needed, missing = missing_af_weights(todo)
+    if needed and not missing:
+        from deepnet import activations  # imports numpy: only for runs that start from predefined AF weights
+        return activations.af_weights_problem(todo, commands.REPO_DIR) or None
     if not missing:
         return None
     folders = sorted({folder for folder, _, _ in missing})
@@ -442,6 +468,11 @@ def main(argv=None, out=print):
     if args.backend != "local":
         cluster.check_cluster(args.backend, CLUSTER, commands.experiment_dir(runs[0]))
     to_stderr = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    differing = differing_runs_problem(runs)
+    if differing and not args.dry_run:
+        raise UserError(differing)
+    if differing:
+        to_stderr(f"warning: {differing}")
     problem = af_weights_problem(runs)
     if problem and not args.dry_run:
         raise UserError(f"--sweep {args.sweep}: {problem}")

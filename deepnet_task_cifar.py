@@ -25,17 +25,13 @@ tf = net.tf
 
 def prepare(settings):
     """What can be checked before anything is written: the data are there, the predefined AF weights can be read
-    (UserError if not). Returns the initial AF weights (None: the default)."""
+    and are fit and finite (UserError if not). Returns the initial AF weights (None: the default)."""
     for path in datasets.data_files(settings):
         if not os.path.isfile(path):
             raise UserError(f"{path}: preprocessed data not found (run deepnet_task_cifar_preprocessing.py --task "
                             f"{settings['task']} --variant {settings['preprocessing']} --root "
                             f"{settings['path_relative']})")
-    if settings["af_weights_init"] != "predefined":
-        return None
-    return activations.predefined_af_init(run_folder.af_weights_source_dir(settings), settings["load_af_weights_from"],
-                                          settings["run"], settings["network"], settings["af_set"],
-                                          settings["norm_blendw_at_init"])
+    return activations.initial_af_weights(settings)
 
 
 def next_step(paths, state):
@@ -60,6 +56,8 @@ def run_training(settings, out=print):
     if state.name == "running":
         raise RunningElsewhere(f"{paths['run_dir']}: this run is already running ({state.holder})")
     step = next_step(paths, state)
+    if step == "finish":  # a complete run's result stands for the settings it was trained with
+        identity.check_same_settings(settings, state.record, complete=True)
     if step == "refuse":  # nothing to do and nothing to write
         return _finished(settings, paths, step, state.record, out)
     if step != "finish":
@@ -68,7 +66,7 @@ def run_training(settings, out=print):
         train, test, fingerprint = data.load_pair(train_path, test_path, n_classes, settings["path_relative"])
         data.check_data_fits(settings, len(train[1]))
         _resume_point(settings, paths, step, fingerprint, len(train[1]), out=lambda line: None)  # refusal: no writes
-    with run_folder.run_lock(paths), trainer.StopRequest() as stop:
+    with run_folder.run_lock(paths) as lock, trainer.StopRequest() as stop:
         state = run_folder.run_state(paths, read_recorder=True, locked_here=True)  # again, now that it is ours
         step = next_step(paths, state)
         if step in ("finish", "refuse"):
@@ -83,7 +81,7 @@ def run_training(settings, out=print):
         run_data = data.Data(train, test, split, settings["minibatch_size"])
         del train
         return trainer.Trainer(settings, paths, run_data, af_init, out, stop, fingerprint,
-                               (start or {}).get("threads")).run()
+                               (start or {}).get("threads"), lock).run()
 
 
 def _resume_point(settings, paths, step, fingerprint, n_images, out):

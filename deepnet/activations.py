@@ -84,7 +84,7 @@ def _clipnorm(w, clip, total):
 
 def parse_af_set(af_set):
     """'5_blend5_swish' -> ('relu', 'jelu', 'tanh', 'jswish', 'linu'); ValueError if malformed."""
-    match = re.fullmatch(r"(\d+)_(.+)", str(af_set))
+    match = re.fullmatch(r"([0-9]+)_(.+)", str(af_set))  # ASCII digits only: int() would read '١' as 1
     if not match:
         raise ValueError(f"activation set '{af_set}' is not of the form <count>_<functions>, "
                          "e.g. 1_relu, 5_blend5_swish or 3_relu+tanh+jswish")
@@ -136,10 +136,53 @@ def default_af_init(network, af_set):
             for name in architectures.activated_layers(network)}
 
 
+def initial_af_weights(settings, base=None):
+    """The run's initial AF weights: None (the default, 1/n each) or, with -af_weights_init predefined, those of
+    predefined_af_init (UserError if they cannot be used); base as for run_folder.project_root."""
+    if settings["af_weights_init"] != "predefined":
+        return None
+    return predefined_af_init(run_folder.af_weights_source_dir(settings, base), settings["load_af_weights_from"],
+                              settings["run"], settings["network"], settings["af_set"],
+                              settings["norm_blendw_at_init"])
+
+
+def af_weights_problem(runs, base=None):
+    """'' or one line: the first refusal of initial_af_weights among runs (settings dicts), naming the run; each
+    source file is read once per network and activation set."""
+    seen = set()
+    for settings in runs:
+        key = tuple(settings[flag] for flag in ("af_weights_init", "load_af_weights_experiment", "experiment_name",
+                                                "load_af_weights_from", "run", "network", "af_set",
+                                                "norm_blendw_at_init"))
+        if settings["af_weights_init"] != "predefined" or key in seen:
+            continue
+        seen.add(key)
+        try:
+            initial_af_weights(settings, base)
+        except UserError as err:
+            return f"{settings['spec_name']} run {settings['run']}: {err}"
+    return ""
+
+
+def _finite_floats(values, path, what):
+    """values as a float32 array (UserError naming the file and what it holds unless they are finite numbers)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # too large for float32: inf, refused below
+            array = np.asarray(values, np.float32)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: {what} must be numbers") from None
+    if not np.all(np.isfinite(array)):
+        values = np.ravel(array)
+        shown = "[" + ", ".join(f"{value:g}" for value in values) + "]" if len(values) <= 8 else "non-finite values"
+        raise UserError(f"{path}: {what} must be finite, got {shown}")
+    return array
+
+
 def predefined_af_init(exp_dir, spec, run, network, af_set, normalize=False):
     """Initial AF weights from the newest AF-weights file of spec/run, written by this suite or the
     original (both: '<network>/<layer>/blend_weights_raw:0' -> list; the original's older
-    '.../blend_weights:0' too). UserError if absent or unfit."""
+    '.../blend_weights:0' too). UserError if absent or unfit: the wrong number of blend weights, or values that
+    are not finite float32 numbers (a NaN would make the run diverge at once)."""
     path = run_folder.newest_af_weights_file(exp_dir, spec, run)
     if path is None:
         raise UserError(f"-load_af_weights_from {spec}: no AF-weights file for run {run} in "
@@ -152,18 +195,24 @@ def predefined_af_init(exp_dir, spec, run, network, af_set, normalize=False):
     for layer in architectures.activated_layers(network):
         scope = f"{network}/{layer}"
         weights = saved.get(f"{scope}/blend_weights_raw:0", saved.get(f"{scope}/blend_weights:0"))
-        if weights is None or np.shape(weights) != (n,):
+        if weights is not None:
+            weights = _finite_floats(weights, path, f"the blend weights of {scope}")
+        if weights is None or weights.shape != (n,):
             raise UserError(f"{path}: has no {n} blend weights for {scope} (activation set {af_set})")
-        weights = np.asarray(weights, np.float32)
         if normalize:
-            if np.sum(weights) == 0:
-                raise UserError(f"{path}: -norm_blendw_at_init: the blend weights of {layer} sum to 0")
-            weights = weights / np.sum(weights)
+            with np.errstate(over="ignore"):
+                total = np.sum(weights)
+            if total == 0 or not np.isfinite(total):
+                raise UserError(f"{path}: -norm_blendw_at_init: the blend weights of {layer} sum to {total:g}")
+            with np.errstate(over="ignore"):
+                weights = _finite_floats(weights / total, path, f"the normalised blend weights of {scope}")
         beta = 1.0
         if needs_beta:
             value = saved.get(f"{scope}/swish_beta:0")
-            if value is None or np.size(value) != 1:
+            if value is not None:
+                value = _finite_floats(value, path, f"the swish_beta of {scope}")
+            if value is None or value.size != 1:
                 raise UserError(f"{path}: has no swish_beta for {scope} (saved only when it was trainable)")
-            beta = float(np.ravel(value)[0])
+            beta = float(value.ravel()[0])
         init[layer] = {"blend_weights": weights, "swish_beta": beta}
     return init

@@ -51,19 +51,23 @@ def n_dropout_layers(network):
     return sum(layer[0] == "dropout" for layer in ARCHITECTURES[network])
 
 
-def parameter_count(network, n_classes, image_shape=(32, 32, 3)):
-    """Trainable weights and biases of the network (batch norm's and the activations' few left out): convolutions
-    keep the image size ('SAME'), pooling divides it by its stride, rounded up."""
+def n_trainable_weights(network, n_classes, image_shape=(32, 32, 3)):
+    """How many numbers the weighted layers hold (weights and biases, batch norm's scale and offset; not the few
+    AF weights): what a snapshot of all weights stores, without TensorFlow ('SAME' pooling: ceil(size / stride))."""
     height, width, channels = image_shape
-    count = 0
+    total = 0
     for layer in ARCHITECTURES[network]:
-        if layer[0] == "conv":
-            count += layer[1] * layer[1] * channels * layer[2] + layer[2]
-            channels = layer[2]
-        elif layer[0] in ("maxpool", "avgpool"):
+        kind = layer[0]
+        if kind in ("maxpool", "avgpool"):
             height, width = -(-height // layer[2]), -(-width // layer[2])
-        elif layer[0] in ("dense", "logits"):
-            units = layer[1] if layer[0] == "dense" else n_classes
-            count += height * width * channels * units + units
-            height, width, channels = 1, 1, units
-    return count
+            continue
+        if kind == "dropout":
+            continue
+        inputs = channels if kind == "conv" else height * width * channels
+        outputs = layer[2] if kind == "conv" else n_classes if kind == "logits" else layer[1]
+        total += (layer[1] ** 2 if kind == "conv" else 1) * inputs * outputs + outputs
+        total += 2 * outputs if network in BATCH_NORM_NETWORKS and kind != "logits" else 0
+        channels = outputs
+        if kind != "conv":
+            height = width = 1
+    return total

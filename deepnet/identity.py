@@ -1,12 +1,24 @@
-"""A run's settings as its recorder keeps them: which flags may change between the sessions of one run, how the
-settings of runs started under older suites read in today's terms, and the check that a run is resumed with the
-settings it started with. No TensorFlow.
+"""A run's recorded settings are its identity: which flags may change between the sessions of one run, how the
+settings of runs started under older suites read in today's terms, and the check that a run is resumed, or a
+complete run asked again, with the settings it started with. No TensorFlow, no numpy.
+
+Where a run's settings are recorded: its recorder (every checkpoint's too) and, for the supervisor and --status,
+which read only small files, its status.json (run_folder.RunStatus); runs of older suites have them only in the
+recorder (started_settings).
 """
-from deepnet import architectures
+import os
+
+from deepnet import architectures, run_folder
 from deepnet_util import UserError
 
-# Flags that may change between the sessions of one run.
+# Flags that may change between the sessions of one run, and with which a complete run may be asked again: they
+# do not change its numbers.
 RESUMABLE_CHANGES = {"walltime", "path_relative", "mode", "reference"}
+
+
+def with_default_seed(settings):
+    """settings with -seed as a run uses it: when not given (None), the run number (pairing runs across specs)."""
+    return settings if settings.get("seed") is not None else dict(settings, seed=settings["run"])
 
 
 def settings_as_started(settings):
@@ -20,14 +32,50 @@ def settings_as_started(settings):
                 blend_mode="clipnormed" if mode == "posnormed" else mode)
 
 
-def check_same_settings(settings, record):
-    """UserError if the flags differ from those the run was started with (-bn_inference only matters with batch
-    norm); record['settings'] is put in today's terms (settings_as_started)."""
-    before = record["settings"] = settings_as_started(record["settings"])
-    batch_norm = settings["network"] in architectures.BATCH_NORM_NETWORKS
+def _comparable(value):
+    """A setting's value as status.json gives it back (tuples are lists there)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def settings_differences(requested, recorded):
+    """[(flag, recorded value, requested value)] of the flags that change a run's numbers and differ, sorted by
+    flag (recorded: in today's terms; -bn_inference only counts with batch norm; -seed None is the run number)."""
+    requested, recorded = with_default_seed(requested), settings_as_started(recorded)
+    batch_norm = requested.get("network") in architectures.BATCH_NORM_NETWORKS
     ignored = RESUMABLE_CHANGES | (set() if batch_norm else {"bn_inference"})
-    differ = sorted(k for k in set(settings) | set(before) if k not in ignored and settings.get(k) != before.get(k))
-    if differ:
-        changes = ", ".join(f"-{k} {before.get(k)} -> {settings.get(k)}" for k in differ)
-        raise UserError(f"{record['spec_name']}/run {record['run']}: cannot resume with other settings ({changes}); "
-                        "use the original flags or another -run/-spec_name")
+    return [(flag, recorded.get(flag), requested.get(flag)) for flag in sorted(set(requested) | set(recorded))
+            if flag not in ignored and _comparable(requested.get(flag)) != _comparable(recorded.get(flag))]
+
+
+def describe(differences):
+    """'-lr 0.001 -> 0.01, -run ...': each difference as flag, recorded value -> requested value."""
+    return ", ".join(f"-{flag} {before} -> {after}" for flag, before, after in differences)
+
+
+def check_same_settings(settings, record, complete=False):
+    """UserError naming each difference if the flags differ from those the run was started with (see
+    settings_differences); record['settings'] is put in today's terms (settings_as_started). complete: the run is
+    complete, and asking it again with other settings would show its old result under them."""
+    record["settings"] = settings_as_started(record["settings"])
+    differ = settings_differences(settings, record["settings"])
+    if not differ:
+        return
+    name = f"{record['spec_name']}/run {record['run']}"
+    if complete:
+        raise UserError(f"{name}: complete, trained with other settings ({describe(differ)}); its files are kept "
+                        "as they are: use its original flags, or another -run/-spec_name/-experiment_name")
+    raise UserError(f"{name}: cannot resume with other settings ({describe(differ)}); use the original flags or "
+                    "another -run/-spec_name")
+
+
+def started_settings(paths, status, read_recorder=False):
+    """The settings the run at paths was started with: those its status.json records (status: read_status's
+    fields), else, with read_recorder, its recorder's (runs of older suites); None where neither says."""
+    recorded = (status or {}).get("settings")
+    if isinstance(recorded, dict):
+        return recorded
+    if not read_recorder or not os.path.exists(paths["record"]):
+        return None
+    record, _ = run_folder.read_record(paths["record"], strict=False)
+    recorded = (record or {}).get("settings")
+    return recorded if isinstance(recorded, dict) else None

@@ -86,7 +86,7 @@ def check_minibatch_sizes(runs, out=print):
 def expected_bytes(settings):
     """What one run writes at most, roughly (see SUMMARY_BYTES_PER_MB_AND_LAYER and the constants beside it)."""
     network = settings["network"]
-    weights = 4 * architectures.parameter_count(network, datasets.N_CLASSES[settings["task"]])
+    weights = 4 * architectures.n_trainable_weights(network, datasets.N_CLASSES[settings["task"]])
     layers = len(architectures.layer_names(network))
     per_mb = SUMMARY_BYTES_PER_MB_AND_LAYER * layers + RECORD_BYTES_PER_MB
     return weights * (CHECKPOINT_WEIGHT_COPIES + settings["safe_all_ws_n"]) + per_mb * settings["n_minibatches"]

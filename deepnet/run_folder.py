@@ -230,17 +230,26 @@ def number(value):
 
 
 def read_status(paths):
-    """status.json's fields (numbers that are not numbers read as None, the rest as text), or None when it is
-    missing or unreadable."""
+    """status.json's fields (numbers that are not numbers read as None, the settings as a dict or None, the rest
+    as text), or None when it is missing or unreadable."""
     status = load_json_object(paths["status"])
     if status is None:
         return None
-    return {key: number(value) if key in STATUS_NUMBERS else None if value is None else str(value)
-            for key, value in status.items()}
+    return {key: _status_field(key, value) for key, value in status.items()}
+
+
+def _status_field(key, value):
+    """One field of status.json as read_status gives it."""
+    if key in STATUS_NUMBERS:
+        return number(value)
+    if key == "settings":
+        return value if isinstance(value, dict) else None
+    return None if value is None else str(value)
 
 
 class RunStatus:
-    """Writes the run's small status.json, beside the recorder, for --status and the supervisor."""
+    """Writes the run's small status.json, beside the recorder, for --status and the supervisor; it holds the
+    settings the run was started with (the recorder's), so that they check a run's identity without reading it."""
 
     def __init__(self, paths, settings):
         self.paths, self.settings, self.started = paths, settings, time.monotonic()
@@ -257,7 +266,8 @@ class RunStatus:
             "last_checkpoint_mb": self.last_checkpoint_mb, "diverged_at_mb": record.get("diverged_at_mb"),
             "activation_kernel": record.get("activation_kernel"),
             "train_seconds": self.seconds_before + time.monotonic() - self.started,
-            "updated": time.time(), "message": message, "record_bytes": _file_size(self.paths["record"])})
+            "updated": time.time(), "message": message, "record_bytes": _file_size(self.paths["record"]),
+            "settings": record.get("settings")})
 
 
 def _file_size(path):
@@ -293,6 +303,20 @@ def lock_holder(paths):
 def run_lock(paths):
     """The run's lock, to hold while training it (deepnet_util.RunLock)."""
     return RunLock(paths["lock"])
+
+
+def lock_lost(lock):
+    """'' while the file at the held lock's path is the one this process locked (same file: device and inode of
+    the path and of the open handle), else why not: deleted with the run folder, or replaced. Then another
+    process may lock the run's new lock file, so the holder must stop writing."""
+    try:
+        on_disk = os.stat(lock.path)
+    except OSError as err:  # deleted (with its folder), or its folder replaced
+        return f"its lock {lock.path} is gone ({err.strerror})"
+    held = os.fstat(lock.handle.fileno())
+    if (on_disk.st_dev, on_disk.st_ino) != (held.st_dev, held.st_ino):
+        return f"its lock {lock.path} was replaced by another file"
+    return ""
 
 
 RunState = namedtuple("RunState", "name status holder record problem")

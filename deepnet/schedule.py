@@ -49,8 +49,23 @@ def checkpoint_mbs(settings, n_images):
 
 
 def weight_save_mbs(n_saves, n_minibatches):
-    """The original's save points for AF / all weights: the distinct values of round(linspace(1, N, n_saves))."""
+    """The original's save points for AF / all weights: the distinct values of round(linspace(1, N, n_saves)), so
+    at most N of them: with n_saves >= N every minibatch 1..N (the points are at most 1 apart), computed without
+    the n_saves points."""
+    if n_saves >= n_minibatches:
+        return set(range(1, n_minibatches + 1))
     return set(np.around(np.linspace(1, n_minibatches, num=n_saves)).astype(int).tolist())
+
+
+def n_weight_saves(n_saves, n_minibatches):
+    """How many minibatches weight_save_mbs gives: round(linspace(1, N, n)) are distinct for n < N."""
+    return min(n_saves, n_minibatches)
+
+
+def n_validations(settings):
+    """How many validations a run does (len(validation_mbs(settings))), without listing them."""
+    n, every = settings["n_minibatches"], settings["val_every"]
+    return 1 + (n - 1) // every + (n > 0)
 
 
 def validation_mbs(settings):

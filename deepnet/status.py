@@ -5,11 +5,12 @@ import heapq
 import os
 from collections import Counter
 
-from deepnet import commands, names, run_folder
+from deepnet import commands, identity, names, run_folder
 from deepnet_util import clock
 
 
-STATES = ("complete", "running", "incomplete", "failed", "not started")   # as --status shows them
+# As --status shows them; 'differing': started with other settings than the selection's (a sweep refuses it).
+STATES = ("complete", "running", "incomplete", "failed", "not started", "differing")
 LEFT_TO_RUN = ("running", "incomplete", "failed", "not started")
 
 
@@ -54,7 +55,18 @@ def run_status(settings, host):
     else:
         unknown = "" if recorded == "incomplete" else f"; unknown state {recorded!r} in status.json"
         row.update(state="incomplete", detail=checkpoint + (f"; {message}" if message else "") + unknown)
-    return row
+    return differing(row, settings, status)
+
+
+def differing(row, settings, status):
+    """The row as 'differing' when the run's status.json records other settings than the selection's (each
+    difference: flag, recorded value -> selected value); else the row as it is."""
+    started = identity.started_settings(None, status)
+    differences = identity.settings_differences(settings, started) if started is not None else []
+    if not differences:
+        return row
+    return dict(row, state="differing", detail=f"{row['state']}, with other settings: "
+                                               f"{identity.describe(differences)}")
 
 
 def accuracy(value):
@@ -110,7 +122,7 @@ def print_status(runs, workers, out=print):
     counts = {state: 0 for state in STATES}
     for row in rows:
         counts[row["state"]] += 1
-    texts = {state: f"{counts[state]} {state}" for state in STATES}
+    texts = {state: f"{counts[state]} {state}" for state in STATES if counts[state] or state != "differing"}
     diverged = sum(row["state"] == "complete" and row["detail"].startswith("diverged") for row in rows)
     if diverged:
         texts["complete"] += f" ({diverged} diverged)"

@@ -210,6 +210,11 @@ class StopRequest:
         self.signal = signum
 
 
+class LockLost(RunError):
+    """The run's lock file is no longer the one this process holds (deleted with the run folder, or replaced):
+    another process may be training the run now, so this one stops and writes nothing more."""
+
+
 def no_readable_checkpoint(paths, unreadable):
     return RunError(f"{paths['models']}: no checkpoint can be read ({unreadable}); nothing was deleted. To train the "
                     f"run again from the start, move {paths['run_dir']} away and run the same command")
@@ -218,10 +223,14 @@ def no_readable_checkpoint(paths, unreadable):
 class Trainer:
     """One run's training loop, validation, checkpoints and final test.
 
-    data_fingerprint and threads identify a new run's data and threads (a resumed run has its own)."""
+    data_fingerprint and threads identify a new run's data and threads (a resumed run has its own). lock: the
+    run's held lock (run_folder.run_lock); before each minibatch's bookkeeping and each write the trainer checks
+    that it still holds the run's lock file, else it stops (LockLost) writing nothing more."""
 
-    def __init__(self, settings, paths, run_data, af_init, out, stop, data_fingerprint=None, threads=None):
+    def __init__(self, settings, paths, run_data, af_init, out, stop, data_fingerprint=None, threads=None,
+                 lock=None):
         self.settings, self.paths, self.data, self.out, self.stop = settings, paths, run_data, out, stop
+        self.lock = lock
         self.tag = f"{settings['spec_name']}/run {settings['run']}"
         self.data_fingerprint, self.threads = data_fingerprint, threads or current_threads()
         self.n_images = len(run_data.labels)
@@ -252,10 +261,11 @@ class Trainer:
         try:
             return self._run()
         except BaseException as err:
-            try:
-                self.status.write(self.record, "failed", f"{type(err).__name__}: {err}")
-            except OSError:  # e.g. the full disk that stopped the run: its own error is the one to report
-                pass
+            if not self._lock_problem():  # else the run may be another process's now: its status is not ours
+                try:
+                    self.status.write(self.record, "failed", f"{type(err).__name__}: {err}")
+                except OSError:  # e.g. the full disk that stopped the run: its own error is the one to report
+                    pass
             raise
         finally:
             self.writer.close()
@@ -345,6 +355,7 @@ class Trainer:
             summarise = step % SUMMARY_EVERY == 0
             results = self.sess.run(fetch + [model.summaries] if summarise else fetch, feed)
             loss, xentropy, top1 = (float(value) for value in results[1:4])
+            self._check_lock()
             if summarise:
                 self.writer.add_summary(results[4], step)
             if not np.isfinite(loss):
@@ -370,10 +381,22 @@ class Trainer:
                 return self._interrupted(step, stop.signal)
         return None
 
+    def _lock_problem(self):
+        """'' while this process holds the run's lock file (or holds no lock object), else why not."""
+        return run_folder.lock_lost(self.lock) if self.lock is not None else ""
+
+    def _check_lock(self):
+        """LockLost unless this process still holds the run's lock file (run_folder.lock_lost)."""
+        problem = self._lock_problem()
+        if problem:
+            raise LockLost(f"{self.tag}: {problem} while the run trained: stopped, writing nothing more (another "
+                           f"process may train the run now); {self.paths['run_dir']} holds what that process writes")
+
     def _validate(self, mb):
         settings, record = self.settings, self.record
         began = time.monotonic()
         result = evaluate(self.sess, self.model, self.data.val_images, self.data.val_labels, settings)
+        self._check_lock()
         record["val_mb_n_hist"].append(mb)
         for key in ("loss", "xentropy", "top1", "top5", "apc"):
             record[f"val_{key}_hist"].append(result[key])
@@ -412,6 +435,7 @@ class Trainer:
             outputs.save_all_weights(self.sess, self.paths, self.settings, mb)
 
     def _checkpoint(self, mb, scheduled=True):
+        self._check_lock()
         record = self.record
         if scheduled:
             record["checkpoints"].append(mb)
@@ -441,6 +465,7 @@ class Trainer:
         return time.monotonic() - self.started + needed > self.settings["walltime"] * 60
 
     def _leave_incomplete(self, mb):
+        self._check_lock()
         path = run_folder.incomplete_marker(self.paths, mb)
         save_text(path, f"walltime of {self.settings['walltime']} min reached at minibatch {mb}; run the same "
                         "command again to resume from the latest checkpoint\n")
@@ -450,6 +475,7 @@ class Trainer:
         return 0
 
     def _interrupted(self, mb, signum):
+        self._check_lock()
         if mb not in self.ckpt_mbs:
             self._checkpoint(mb, scheduled=False)
         name = signal.Signals(signum).name
@@ -485,6 +511,7 @@ class Trainer:
             raise RunError(f"{err}: the model that early stopping picked cannot be tested; nothing was deleted. To "
                            f"train the run again from the start, move {paths['run_dir']} away") from None
         result = evaluate(self.sess, self.model, self.data.test_images, self.data.test_labels, settings)
+        self._check_lock()
         record.update(early_stopping_mb=best, val_top1_smoothed=smoothed, test_mb_n_hist=[best],
                       test_loss=result["loss"], test_xentropy=result["xentropy"], test_top1=result["top1"],
                       test_top5=result["top5"], test_apc=result["apc"],

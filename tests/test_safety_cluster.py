@@ -360,7 +360,7 @@ def test_parameter_counts_by_hand():
     # dense 8*8*64 -> 384 -> 192 -> 10
     smcn = (5 * 5 * 3 * 64 + 64) + (9 * 64 * 64 + 64) + (64 * 64 + 64) + (25 * 64 * 64 + 64) \
         + (8 * 8 * 64 * 384 + 384) + (384 * 192 + 192) + (192 * 10 + 10)
-    assert architectures.parameter_count("smcn", 10) == smcn == 1797514
-    assert architectures.parameter_count("smcnLin", 10) == smcn     # 2/2 average pooling: the same sizes
-    assert architectures.parameter_count("smcnDeep", 10) == smcn + 2 * (64 * 64 + 64 + 25 * 64 * 64 + 64)
-    assert architectures.parameter_count("smcn", 100) == smcn + 192 * 90 + 90
+    assert architectures.n_trainable_weights("smcn", 10) == smcn == 1797514
+    assert architectures.n_trainable_weights("smcnLin", 10) == smcn     # 2/2 average pooling: the same sizes
+    assert architectures.n_trainable_weights("smcnDeep", 10) == smcn + 2 * (64 * 64 + 64 + 25 * 64 * 64 + 64)
+    assert architectures.n_trainable_weights("smcn", 100) == smcn + 192 * 90 + 90
