@@ -18,7 +18,7 @@ A variant changes as a whole: each build writes all of its files into 1_data_<ta
 sidecars name the build), then points the symlink .builds/<variant> at it in one rename; the paths above are
 symlinks through it. A kill at any moment leaves the old set or the new one; the next build removes what is left.
 Builds of one task wait for each other (a lock). Tests can stop or kill the script after each step on disk
-(DEEPNET_PREPROCESSING_STEP_HOOK, see _step).
+(DEEPNET_PREPROCESSING_STEP_HOOK, see deepnet/builds.py step).
 
 Variants. x is one image as its D = 32*32*3 = 3072 values in HWC order, n the number of training images.
     none     x as float32, values 0..255.
@@ -72,16 +72,11 @@ unchanged to the test images. The original research code fitted its ZCA on train
 test-set statistics into training; results are therefore not bit-comparable with it.
 """
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import http.client
-import itertools
 import os
 import pickle
-import secrets
 import shutil
-import signal
 import sys
 import tarfile
 import tempfile
@@ -93,10 +88,11 @@ import zlib
 import numpy as np
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-from deepnet.datasets import (N_CLASSES, TASKS, VARIANTS, builds_dir, output_paths, params_path, sidecar_path,
-                              switch_path, task_dir, variant_files)
-from deepnet_util import (UserError, atomic_open, atomic_write_bytes, load_json_object, load_pickle, progress,
-                          run_cli, save_json, save_pickle_streamed)
+from deepnet import builds
+from deepnet.datasets import (N_CLASSES, TASKS, VARIANTS, output_paths, params_path, sidecar_path, task_dir,
+                              variant_files)
+from deepnet_util import (UserError, atomic_open, atomic_write_bytes, fsync_folder, load_json_object, load_pickle,
+                          progress, run_cli, save_json, save_pickle_streamed)
 
 LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
 RAW_FILES = {  # (training batch files, test batch files), in the order their images are concatenated
@@ -449,22 +445,22 @@ def _build_variant(plan, variant):
     label = f"{task} {variant}"
     params = (fit_gcn_zca(raw["train_images"], zca_eps=plan["zca_eps"], progress_label=f"{label} fit")
               if variant == "gcn_zca" else None)
-    build = _new_build_folder(root, task, variant)
+    build = builds.new_build_folder(root, task, variant)
     train_pkl, test_pkl = (os.path.join(build, os.path.basename(path)) for path in output_paths(root, task, variant))
     _save_split(train_pkl, _transform(variant, raw["train_images"], params, f"{label} train"), raw["train_labels"])
-    _step(f"wrote {train_pkl}")
+    builds.step(f"wrote {train_pkl}")
     _save_split(test_pkl, _transform(variant, raw["test_images"], params, f"{label} test"), raw["test_labels"])
-    _step(f"wrote {test_pkl}")
+    builds.step(f"wrote {test_pkl}")
     if params is not None:
         with atomic_open(os.path.join(build, os.path.basename(params_path(root, task)))) as handle:
             np.savez(handle, **params)
-        _step("wrote the gcn_zca parameters")
+        builds.step("wrote the gcn_zca parameters")
     parameters = _variant_parameters(variant, params, root, task)
     for path, split, labels in ((train_pkl, "train", raw["train_labels"]), (test_pkl, "test", raw["test_labels"])):
         save_json(sidecar_path(path), _sidecar(task, variant, split, len(labels), plan["md5s"],
                                                raw["batch_labels"], parameters, os.path.basename(build)))
-        _step(f"wrote {sidecar_path(path)}")
-    _fsync_dir(build)
+        builds.step(f"wrote {sidecar_path(path)}")
+    fsync_folder(build)
     return build
 
 
@@ -472,12 +468,12 @@ def _write_plan(plan):
     """Build every variant a plan lists under the task's lock, then remove old builds and what killed ones left;
     returns the written paths (the variants' documented paths)."""
     root, task = plan["root"], plan["task"]
-    if not plan["variants"] and not any(_leftovers(root, task, variant) for variant in plan["requested"]):
+    if not plan["variants"] and not any(builds.leftovers(root, task, variant) for variant in plan["requested"]):
         return []
-    with _task_lock(root, task):
+    with builds.task_lock(root, task):
         written = [path for variant in plan["variants"] for path in _write_variant(plan, variant)]
         for variant in plan["requested"]:
-            _remove_leftovers(root, task, variant)
+            builds.remove_leftovers(root, task, variant)
     return written
 
 
@@ -489,163 +485,12 @@ def _write_variant(plan, variant):
         print(f"kept {task} {variant}: built meanwhile by another process")
         return []
     start = time.perf_counter()
-    _adopt_layout(root, task, variant)
-    _switch(root, task, variant, _build_variant(plan, variant))
+    builds.adopt_layout(root, task, variant)
+    builds.switch(root, task, variant, _build_variant(plan, variant))
     train_pkl, test_pkl = output_paths(root, task, variant)
     print(f"wrote {task} {variant} in {time.perf_counter() - start:.1f} s: {train_pkl} "
           f"({len(plan['raw']['train_labels'])} images), {test_pkl} ({len(plan['raw']['test_labels'])} images)")
     return variant_files(root, task, variant)
-
-
-# ---------------------------------------------------------------- builds: a variant changes as a whole
-# A variant's files live in two folders (train_set<sfx>/, test_set<sfx>/), so no single rename could replace them
-# all. Instead each build is written, complete and fsynced, into its own folder 1_data_<task>/.builds/<variant>-<id>/;
-# the switch .builds/<variant>, a symlink, is then pointed at it in one step (a new symlink renamed over the old),
-# and each documented path is a symlink through the switch. A kill at any moment leaves the old set or the new one:
-# before the switch the new build is an unused folder (removed by the next build), after it the old one is.
-
-STEP_HOOK = "DEEPNET_PREPROCESSING_STEP_HOOK"
-_step_numbers = itertools.count(1)
-
-
-def _step(name):
-    """Mark one change on disk of a build. A test hook: with ${STEP_HOOK}=stop this process prints the step on
-    stderr and stops itself (SIGSTOP: a test looks at the folder, then continues it); with =N it kills itself
-    (SIGKILL) right after its N-th step."""
-    hook, number = os.environ.get(STEP_HOOK), next(_step_numbers)
-    if hook == "stop":
-        print(f"step {number}: {name}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
-    elif hook == str(number):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def _task_lock(root, task):
-    """Hold the task's preprocessing lock (an flock on .builds/.lock, released by the OS when the process dies),
-    waiting for another process that holds it: builds of one task never overlap. The lock file is never opened
-    through a symbolic link (OSError naming it)."""
-    path = os.path.join(builds_dir(root, task), ".lock")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), "r+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            print(f"waiting for {handle.read().strip() or 'another process'}, which is preprocessing "
-                  f"{task_dir(root, task)}", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
-        handle.flush()
-        yield
-
-
-def _new_build_folder(root, task, variant):
-    """A new, empty build folder .builds/<variant>-<time>-<random>/; its name is the build's id."""
-    name = f"{variant}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
-    folder = os.path.join(builds_dir(root, task), name)
-    os.makedirs(folder)
-    return folder
-
-
-def _fsync_dir(folder):
-    """Make the names in folder (files added, renamed or removed) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _point(link, target):
-    """Make link a symlink to target in one step: a new symlink renamed over it."""
-    temporary = os.path.join(os.path.dirname(link), f".tmp_{os.path.basename(link)}.{secrets.token_hex(4)}")
-    os.symlink(target, temporary)
-    os.replace(temporary, link)
-    _fsync_dir(os.path.dirname(link))
-
-
-def _switch(root, task, variant, folder):
-    """Point the variant's switch at a complete build folder: from here on every documented path shows it."""
-    switch = switch_path(root, task, variant)
-    if os.path.lexists(switch) and not os.path.islink(switch):  # a copy of the folder that followed the links
-        os.rename(switch, _new_build_folder(root, task, variant))  # an old build now: removed after the switch
-    _point(switch, os.path.basename(folder))
-    _step(f"switched {variant} to {os.path.basename(folder)}")
-
-
-def _link_target(root, task, variant, path):
-    """What a documented path's symlink holds: the relative path to the same name through the switch."""
-    through_switch = os.path.join(os.path.realpath(builds_dir(root, task)), variant, os.path.basename(path))
-    return os.path.relpath(through_switch, os.path.realpath(os.path.dirname(path)))
-
-
-def _links_through_switch(root, task, variant):
-    """Whether the switch and every documented path of the variant are this layout's symlinks."""
-    return os.path.islink(switch_path(root, task, variant)) and all(
-        os.path.islink(path) and os.readlink(path) == _link_target(root, task, variant, path)
-        for path in variant_files(root, task, variant))
-
-
-def _adopt_layout(root, task, variant):
-    """Make every documented path of the variant a symlink through its switch, keeping what it shows now.
-
-    The files found (this suite's older layout, the original's pickles, or a layout whose adoption was killed) are
-    hard-linked (else copied) into a build folder, the switch is pointed at it, then each path is replaced by a
-    symlink to the same file: a kill at any moment leaves every path showing the files it showed before, and the
-    next build adopts again what is left.
-    """
-    if _links_through_switch(root, task, variant):
-        return
-    kept = _new_build_folder(root, task, variant)
-    for path in variant_files(root, task, variant):
-        if os.path.exists(path):
-            _keep(path, os.path.join(kept, os.path.basename(path)))
-    _fsync_dir(kept)
-    _step(f"kept the current {variant} files in {kept}")
-    _switch(root, task, variant, kept)
-    for path in variant_files(root, task, variant):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        target = _link_target(root, task, variant, path)
-        if not (os.path.islink(path) and os.readlink(path) == target):
-            _point(path, target)
-            _step(f"linked {path}")
-
-
-def _keep(path, destination):
-    """The file at path (a symlink followed) also at destination: a hard link, else a copy (another file system)."""
-    try:
-        os.link(os.path.realpath(path), destination)
-    except OSError:
-        with open(path, "rb") as handle, atomic_open(destination) as out:
-            shutil.copyfileobj(handle, out)
-
-
-def _leftovers(root, task, variant):
-    """The variant's build folders other than the current one and its leftover temporary names: what a finished
-    or killed build leaves behind. Removed only under the task's lock: another process's build in progress looks
-    the same."""
-    builds, switch = builds_dir(root, task), switch_path(root, task, variant)
-    current = os.path.basename(os.readlink(switch)) if os.path.islink(switch) else None
-    found = [os.path.join(builds, name) for name in (os.listdir(builds) if os.path.isdir(builds) else [])
-             if name.startswith(f"{variant}-") and name != current or name.startswith(f".tmp_{variant}.")]
-    temporary = tuple(f".tmp_{os.path.basename(path)}." for path in variant_files(root, task, variant))
-    for folder in {os.path.dirname(path) for path in variant_files(root, task, variant)}:
-        found += [os.path.join(folder, name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
-                  if name.startswith(temporary)]
-    return found
-
-
-def _remove_leftovers(root, task, variant):
-    """Remove what _leftovers lists (under the task's lock)."""
-    for path in _leftovers(root, task, variant):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-        _step(f"removed {path}")
 
 
 def _variant_list(variants):

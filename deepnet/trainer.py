@@ -14,7 +14,7 @@ import psutil
 
 import deepnet_network as net
 from deepnet import architectures, datasets, identity, outputs, run_folder, schedule
-from deepnet_util import RunError, clock, save_pickle, save_text, tf_error_reason
+from deepnet_util import RunError, clock, fsync_folder, save_pickle, save_text, tf_error_reason
 
 tf = net.tf
 
@@ -151,11 +151,11 @@ class Checkpointer:
                 self.model_saver.save(sess, os.path.join(tmp, "model"), write_meta_graph=False,
                                       write_state=False)
             save_pickle(os.path.join(tmp, "recorder.pkl"), record)
-            _fsync_dir(tmp)
+            fsync_folder(tmp)
             if os.path.exists(final):
                 run_folder.remove_folder(final)
             os.rename(tmp, final)
-            _fsync_dir(self.models_dir)
+            fsync_folder(self.models_dir)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(err, tf.errors.OpError):
@@ -181,14 +181,6 @@ class Checkpointer:
                 run_folder.remove_folder(folder)
             else:
                 run_folder.drop_state(folder)
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StopRequest:
