@@ -32,7 +32,6 @@ MAX_MINIBATCHES = 10 ** 8         # -n_minibatches (and -safe_*_ws_n: more saves
 MAX_RUN = 2 ** 32 - 1             # -run: the default seed's range; its digits fit every file name (deepnet/names.py)
 MAX_WEIGHT_SAVES = 100_000        # AF-weights / all-weights saves of each kind: min(-safe_*_ws_n, -n_minibatches)
 MAX_VALIDATIONS = 20_000          # validations (-n_minibatches / -val_every): the recorder keeps each one's results
-DISK_WARNING_BYTES = 2 ** 30      # a run whose all-weights snapshots take more gets a warning line on stderr
 
 
 def whole_number(text):
@@ -198,27 +197,10 @@ def check_sizes(settings):
              f"use -val_every {math.ceil(settings['n_minibatches'] / (MAX_VALIDATIONS - 2))} or more")
 
 
-def all_weights_snapshots(settings):
-    """(how many snapshots of all weights the run writes at most: -safe_all_ws_n's and the tested model's, bytes
-    each: float32 numbers, from the network's layer lists)."""
-    from deepnet import schedule
-    snapshots = schedule.n_weight_saves(settings["safe_all_ws_n"], settings["n_minibatches"]) + \
-        settings["save_all_weights_at_test_mb"]
-    return snapshots, 4 * architectures.n_trainable_weights(settings["network"], datasets.N_CLASSES[settings["task"]])
-
-
-def disk_warning(settings):
-    """'' or a warning line when the run's all-weights snapshots take more than DISK_WARNING_BYTES."""
-    snapshots, size = all_weights_snapshots(settings)
-    if snapshots * size <= DISK_WARNING_BYTES:
-        return ""
-    return (f"warning: -safe_all_ws_n {settings['safe_all_ws_n']}: up to {snapshots} snapshots of all weights "
-            f"({size / 1e6:.1f} MB each) take about {snapshots * size / 1e9:.1f} GB in 0_all_weights/ for this run")
-
-
 def main(argv=None):
     settings = check_flags(vars(parser().parse_args(argv)))
-    warning = disk_warning(settings) if settings["mode"] == "training" else ""
+    from deepnet import disk  # after the checks (it imports numpy)
+    warning = disk.snapshots_warning(settings) if settings["mode"] == "training" else ""
     if warning:
         print(warning, file=sys.stderr)
     if settings["mode"] == "analysis":

@@ -10,6 +10,7 @@ deepnet_analysis.py, deepnet_task_cifar_preprocessing.py), one module per respon
     run_folder     a run's files, recorder and status.json, its lock, and run_state()               no TF
     identity       a run's settings as its identity: what may differ, what differs                  no TF
     names          the one rule for names and paths                                                 no TF, no numpy
+    disk           what a run writes to disk, estimated; the warnings when that is much              no TF
     trainer        the training loop, checkpoints, evaluation (validation and test)
     outputs        weight files, run info, a run's plots, TensorBoard HParams                        no TF
     commands       a sweep's run as the supervisor sees it: command line, --set values, files      no TF

@@ -6,13 +6,12 @@ for runs that another process is training.
 import ctypes
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-from deepnet import architectures, commands, datasets, run_folder, status
+from deepnet import commands, datasets, run_folder, status
 from deepnet_util import EXIT_RUNNING_ELSEWHERE, UserError, append_to, clock, load_json_object
 
 POLL_S = 0.5
@@ -20,13 +19,6 @@ STOP_TIMEOUT_S = 180                # a stopped run gets this long to write its 
 ELSEWHERE_POLL_S = 5                # how often the locks of runs running elsewhere are checked
 WAIT_REPORT_S = 600                 # a line about the runs still running elsewhere this often
 PR_SET_PDEATHSIG = 1                # linux/prctl.h
-# A run's disk use, for the free-space warning (measured with ABU runs of smcn and smcnDeep): TensorBoard summaries
-# ~900 bytes per minibatch and weighted layer; recorder, its copies in the checkpoints and the log ~500 bytes per
-# minibatch; and at the peak this many copies of the weights: the newest two checkpoints with Adam's two moments
-# (6), two more kept models (2), besides one per -safe_all_ws_n weight file.
-SUMMARY_BYTES_PER_MB_AND_LAYER = 900
-RECORD_BYTES_PER_MB = 500
-CHECKPOINT_WEIGHT_COPIES = 8
 
 
 def ensure_data(settings, synthetic_fallback, out=print):
@@ -83,38 +75,10 @@ def check_minibatch_sizes(runs, out=print):
             data.check_data_fits(settings, sizes[key])
 
 
-def expected_bytes(settings):
-    """What one run writes at most, roughly (see SUMMARY_BYTES_PER_MB_AND_LAYER and the constants beside it)."""
-    network = settings["network"]
-    weights = 4 * architectures.n_trainable_weights(network, datasets.N_CLASSES[settings["task"]])
-    layers = len(architectures.layer_names(network))
-    per_mb = SUMMARY_BYTES_PER_MB_AND_LAYER * layers + RECORD_BYTES_PER_MB
-    return weights * (CHECKPOINT_WEIGHT_COPIES + settings["safe_all_ws_n"]) + per_mb * settings["n_minibatches"]
-
-
-def existing_parent(path):
-    """path, or its nearest parent folder that exists."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
 def disk_warnings(runs):
-    """'warning:' lines, one per file system the runs may write more to than it has free (none when they fit)."""
-    needs = {}
-    for settings in runs:
-        folder = existing_parent(commands.experiment_dir(settings))
-        count, total = needs.get(folder, (0, 0))
-        needs[folder] = (count + 1, total + expected_bytes(settings))
-    lines = []
-    for folder, (count, needed) in needs.items():
-        free = shutil.disk_usage(folder).free
-        if free < needed:
-            lines.append(f"warning: {folder}: {free / 1e9:,.1f} GB free, but the {count} run(s) to start may write "
-                         f"about {needed / 1e9:,.1f} GB (checkpoints, weight files, TensorBoard summaries, logs); "
-                         "free some space or set -path_relative elsewhere")
-    return lines
+    """'warning:' lines, one per file system the runs may write more to than it has free (deepnet/disk.py)."""
+    from deepnet import disk  # imports numpy: only when runs are about to be started or submitted
+    return disk.free_space_warnings((commands.experiment_dir(settings), settings) for settings in runs)
 
 
 def read_text(path):

@@ -18,7 +18,7 @@ import pytest
 
 import deepnet_supervisor as sv
 from conftest import write_tiny_data
-from deepnet import architectures, commands, local
+from deepnet import architectures, commands, disk, local
 from deepnet_util import UserError, save_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -341,7 +341,7 @@ def test_the_training_set_size_comes_from_the_sidecar_else_from_the_file(tmp_pat
 
 def test_a_sweep_that_may_not_fit_on_the_disk_is_warned_about(tmp_path, monkeypatch, capsys):
     free = {"bytes": 10 ** 9}
-    monkeypatch.setattr(local.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
     args = ["--backend", "slurm", "--dry-run", "--sweep", "paper", "--set", f"path_relative={tmp_path}"]
     assert sv.main(args) == 0
     output = capsys.readouterr().out.splitlines()

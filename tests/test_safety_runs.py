@@ -19,7 +19,7 @@ from test_reliability import (MAIN, RUN_FLAGS, SUPERVISOR, assert_cli_refusal, n
                               snapshot, start, stop_process, train_here, wait_for_line)
 import deepnet_main
 import deepnet_supervisor as sv
-from deepnet import activations, architectures, commands, identity, local, run_folder, schedule, status
+from deepnet import activations, architectures, commands, disk, identity, local, run_folder, schedule, status
 from deepnet_util import UserError, load_pickle
 
 ABU = ["-af_set", "5_blend5_swish", "-blend_trainable", "True", "-swish_beta_trainable", "True"]
@@ -94,7 +94,7 @@ def test_status_json_records_the_settings_the_run_started_with(complete_root):
 
 
 def test_the_main_disk_warning_is_one_stderr_line(complete_root, capsys, monkeypatch):
-    monkeypatch.setattr(deepnet_main, "DISK_WARNING_BYTES", 0)
+    monkeypatch.setattr(disk, "LARGE_SNAPSHOTS_BYTES", 0)
     assert train_here(complete_root) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: -safe_all_ws_n 1: up to 2 snapshots of all weights (7.2 MB each)")
@@ -356,10 +356,10 @@ def test_more_saves_than_minibatches_save_every_minibatch_without_listing_the_po
 def test_the_disk_warning_counts_all_weights_snapshots_of_the_network():
     settings = deepnet_main.check_flags(vars(deepnet_main.parser().parse_args(
         ["-n_minibatches", "60000", "-safe_all_ws_n", "60000"])))
-    assert deepnet_main.disk_warning(settings) == (
+    assert disk.snapshots_warning(settings) == (
         "warning: -safe_all_ws_n 60000: up to 60001 snapshots of all weights (7.2 MB each) take about 431.4 GB in "
         "0_all_weights/ for this run")
-    assert deepnet_main.disk_warning(dict(settings, safe_all_ws_n=2)) == ""        # the paper's: 3 x 7.2 MB
+    assert disk.snapshots_warning(dict(settings, safe_all_ws_n=2)) == ""        # the paper's: 3 x 7.2 MB
 
 
 @pytest.mark.parametrize("network", list(architectures.ARCHITECTURES))
