@@ -312,16 +312,18 @@ class ExperimentAnalysis:
         return [row for result in self.analysed for row in result.diverged]
 
 
-def analyse_experiment(exp_dir, reference="relu", out=print):
+def analyse_experiment(exp_dir, reference="relu", out=print, reference_required=True):
     """Tables, significance tests, plots and report.html of every analysed run of the experiment in exp_dir.
 
     Writes the set into a new folder beside exp_dir/0_analysis/ and swaps it in at the end, so a failure leaves the
     previous set as it was; bad input (no such experiment or reference, runs on different data, no complete run)
-    writes nothing. Returns {'performance': rows, 'significance': rows or None, 'excluded': rows, 'warnings': lines,
-    'analysis_dir': path, 'report': path}. Definitions: see the module docstring.
+    writes nothing. Without reference_required (a sweep whose reference spec was not selected) a reference with no
+    spec folder only leaves the comparisons out, in one line. Returns {'performance': rows, 'significance': rows or
+    None, 'excluded': rows, 'warnings': lines, 'analysis_dir': path, 'report': path}. Definitions: see the module
+    docstring.
     """
     exp_dir = os.path.normpath(exp_dir)
-    specs = check_experiment(exp_dir, reference, out)
+    specs = check_experiment(exp_dir, reference, out, reference_required)
     check_same_data(exp_dir, specs)
     analysis = ExperimentAnalysis(exp_dir, reference, {spec: SpecAnalysis(spec, *load_spec(exp_dir, spec, out))
                                                        for spec in specs})

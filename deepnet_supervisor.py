@@ -87,6 +87,7 @@ ANALYSIS = {
 SETTINGS = {**DATA, **NETWORK_AND_ACTIVATION, **OPTIMISATION, **SCHEDULE, **VALIDATION_AND_CHECKPOINTS,
             **SAVING, **ANALYSIS}
 
+
 # ---------------------------------------------------------------- specs: name -> the settings it overrides
 
 def activation(af_set, trainable=False, beta_trainable=False, blend_mode="unrestricted"):
@@ -395,12 +396,24 @@ def af_weights_problem(runs):
             f"{' and '.join(first) or 'those runs'} first")
 
 
+def reference_problem(args, runs):
+    """None, or why the sweep's analysis could not know the reference spec (--set reference=...): a name that is
+    neither a spec of the sweep nor a spec folder of the experiment. (A spec of the sweep that is not selected and
+    has no runs yet only leaves the comparisons out of the analysis.)"""
+    reference = runs[0]["reference"]
+    if reference in SWEEPS[args.sweep]["specs"] or os.path.isdir(os.path.join(commands.experiment_dir(runs[0]),
+                                                                              reference)):
+        return None
+    return (f"--set reference={commands.echoed(reference)}: neither a spec of sweep {args.sweep} nor a spec folder "
+            f"in {commands.experiment_dir(runs[0])}, so the analysis could compare nothing with it")
+
+
 def analyse(settings, out=print):
     """The experiment's analysis, in this process; False if it could not run."""
     import deepnet_analysis
     try:
         deepnet_analysis.analyse_experiment(commands.experiment_dir(settings), reference=settings["reference"],
-                                            out=out)
+                                            out=out, reference_required=False)
     except UserError as err:
         out(f"analysis: {err}")
         return False
@@ -473,6 +486,9 @@ def main(argv=None, out=print):
         raise UserError(differing)
     if differing:
         to_stderr(f"warning: {differing}")
+    problem = reference_problem(args, runs)
+    if problem and not (args.dry_run or args.no_analysis):
+        raise UserError(problem)
     problem = af_weights_problem(runs)
     if problem and not args.dry_run:
         raise UserError(f"--sweep {args.sweep}: {problem}")

@@ -18,7 +18,10 @@ Fault trials (FAULTS) start from a copy of a run stopped by SIGTERM after miniba
 0, 23 and the one SIGTERM wrote) or of the complete reference run, damage it, and rerun the command
 until the run completes. Where the damage must stop the run (changed data or split: exit 2, nothing
 written; a full disk or a file where a folder belongs: exit 1), the stop is checked first (one `error:`
-line, no traceback) and the damage then undone, as a user would.
+line, no traceback) and the damage then undone, as a user would. So are the faults of a shared folder: the
+complete run asked again with another -lr and a training/test pair from two preprocessing builds (refused: exit
+2, nothing written), the run's .lock a symbolic link (exit 1, the file it points to unchanged), the run folder
+deleted while it trains (exit 1 at its next minibatch or write; the rerun trains the run from the start).
 A trial is identical when its final recorder equals the reference bit for bit (floats exactly, arrays
 elementwise, every key) and every stop was as documented; clean when models/ holds only the tested
 checkpoint and no temporary file or folder is left anywhere.
@@ -26,6 +29,7 @@ Prints one line per trial and then `clean=<k>/<n>` and `identical=<k>/<n>` over 
 """
 import argparse
 import glob
+import json
 import os
 import random
 import re
@@ -42,7 +46,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from deepnet import run_folder  # noqa: E402
+from deepnet import datasets, run_folder  # noqa: E402
 from deepnet_util import load_pickle, save_pickle  # noqa: E402
 
 PLANS = ("checkpoint", "training", "commit", "test", "startup")
@@ -106,10 +110,10 @@ def record_path(folder):
 class Process:
     """deepnet_main.py in a folder, its stdout lines time-stamped by a reader thread."""
 
-    def __init__(self, folder, env=None):
+    def __init__(self, folder, env=None, flags=()):
         env = dict(env or dict(os.environ, **THREADS), PYTHONUNBUFFERED="1")
         self.started = time.time()
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "deepnet_main.py")] + FLAGS,
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "deepnet_main.py")] + FLAGS + list(flags),
                                      cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines = []
@@ -322,11 +326,11 @@ def snapshot(folder):
             for d, dirs, files in os.walk(folder) for name in dirs + files}
 
 
-def stops_in_one_line(folder, status, watch_nothing_written):
-    """Run the command once; (ok, event): it must exit with status after one `error:` line and no traceback
-    (and, for refusals, write nothing)."""
+def stops_in_one_line(folder, status, watch_nothing_written, flags=()):
+    """Run the command (with flags added) once; (ok, event): it must exit with status after one `error:` line and
+    no traceback (and, for refusals, write nothing)."""
     before = snapshot(folder)
-    proc = Process(folder)
+    proc = Process(folder, flags=flags)
     code = proc.wait()
     lines = [line for _, line in proc.lines]
     last = lines[-1] if lines else ""
@@ -408,6 +412,58 @@ def lost_recorder_and_af_weights(folder, rng, timing, events):
     return rewritten
 
 
+def other_settings(folder, rng, timing, events):
+    """The complete run asked again with another learning rate: refused (exit 2, one line, nothing written)."""
+    ok, event = stops_in_one_line(folder, 2, True, flags=["-lr", "0.01"])
+    events.append(f"refused: {event}")
+    return ok and "-lr 0.001 -> 0.01" in event
+
+
+def two_builds(folder):
+    """Sidecars that name two preprocessing builds for the training and the test pickle; returns the undo."""
+    sidecars = [datasets.sidecar_path(data_file(folder, which)) for which in ("train", "test")]
+    for path, build in zip(sidecars, ("build-a", "build-b")):
+        with open(path, "w") as handle:
+            json.dump({"build": build}, handle)
+    return lambda: [os.remove(path) for path in sidecars]
+
+
+def lock_through_link(folder, rng, timing, events):
+    """The run's .lock replaced by a symbolic link to a file outside: the run stops in one line (exit 1) and the
+    file the link points to is unchanged; the link is then removed, as a user would."""
+    victim, lock = os.path.join(folder, "precious.txt"), run_paths(folder)["lock"]
+    with open(victim, "w") as handle:
+        handle.write("not the suite's\n")
+    if os.path.lexists(lock):
+        os.remove(lock)
+    os.symlink(victim, lock)
+    ok, event = stops_in_one_line(folder, 1, False)
+    with open(victim) as handle:
+        untouched = handle.read() == "not the suite's\n"
+    events.append(f"stopped: {event}" + ("" if untouched else "; THE LINKED FILE CHANGED"))
+    os.remove(lock)
+    os.remove(victim)
+    return ok and untouched
+
+
+def folder_deleted_in_training(folder, rng, timing, events):
+    """The run's folder deleted at a random moment of training: the process stops in one line (exit 1) at its
+    next minibatch or write; the user then starts the command again, which trains the run from the start."""
+    proc = Process(folder)
+    if not wait_until(lambda: proc.first_line_time("resuming from"), proc):
+        events.append("ended before training")
+        return False
+    time.sleep(rng.uniform(0, timing["training"] / 3))
+    while os.path.exists(run_dir(folder)):  # the process may write while it is removed
+        shutil.rmtree(run_dir(folder), ignore_errors=True)
+    code = proc.wait()
+    lines = [line for _, line in proc.lines]
+    last = lines[-1] if lines else ""
+    events.append(f"folder deleted after {proc.last_status()}: exit {code}: {last[:160]}")
+    shutil.rmtree(run_dir(folder), ignore_errors=True)  # what the stopped process may have left
+    return code == 1 and last.startswith("error: ") and not any("Traceback" in line for line in lines)
+
+
 FAULTS = {  # name: (what it starts from, its own copy of the data, the fault)
     "newest state.data truncated": ("stopped", False, damaged(
         lambda f: truncate(glob.glob(os.path.join(newest_checkpoint(f), "state.data-*"))[0]))),
@@ -430,6 +486,10 @@ FAULTS = {  # name: (what it starts from, its own copy of the data, the fault)
         lambda f: changed(split_path(f), other_split))),
     "0_summaries is a file": ("stopped", False, summaries_file),
     "hand resume without the thread settings": ("stopped", False, damaged(lambda f: None)),
+    "complete run asked with other settings": ("complete", False, other_settings),
+    "training and test pickle from two builds": ("stopped", True, refused_until_undone(two_builds)),
+    "run's .lock a symbolic link": ("stopped", False, lock_through_link),
+    "run folder deleted while training": ("stopped", False, folder_deleted_in_training),
     "disk full at a random moment": ("fresh", False, None),
 }
 

@@ -4,11 +4,11 @@
     python bench/status_speed.py --compare    # also times loading every recorder, what --status avoids
 
 Builds the 510 run folders in a temporary folder: 15 runs per spec complete, 2 running (this process holds
-their locks), 3 incomplete, 1 diverged (and tested: complete), 9 not started. Each started run has its status.json and a recorder
-of realistic size (60,000 entries in each training history, one validation every 20 minibatches); the
-recorders are hard links to one file, so the folders take little disk while every run still has its own
-full-size recorder to read. Then times the real command line as a child process (start-up and imports
-included) and checks that it reported every run.
+their locks), 3 incomplete, 1 diverged (and tested: complete), 9 not started. Each started run has its
+status.json and a recorder of realistic size (60,000 entries in each training history, one validation every
+20 minibatches); the recorders are hard links to one file, so the folders take little disk while every run
+still has its own full-size recorder to read. Then times the real command line as a child process (start-up
+and imports included) and checks that it reported every run.
 """
 import argparse
 import json

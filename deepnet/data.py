@@ -162,8 +162,9 @@ def check_data_fits(settings, n_train_images):
         if settings["create_val_set"] else 0
     too_few = n_train_images - n_val < settings["minibatch_size"]
     if too_few or schedule.nominal_mbs_per_epoch(settings, n_train_images) < 1:
-        raise UserError(f"-minibatch_size {settings['minibatch_size']}: larger than the {n_train_images - n_val} "
-                        f"training images left after a validation split of {n_val}")
+        left = max(n_train_images - n_val, 0)
+        raise UserError(f"-minibatch_size {settings['minibatch_size']}: larger than the {left} training images left "
+                        f"of {n_train_images} after a validation split of {n_val} (at least one minibatch)")
 
 
 def _sha256(*arrays):

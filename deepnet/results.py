@@ -14,10 +14,10 @@ BAD_TEST_ACC = (0.0, 0.3)          # the original's bad-run rule: test acc in th
 VAL_MEAN_WARNING = (0.3, 0.95)     # the original's warning: mean val acc of the run outside this interval
 
 
-def check_experiment(exp_dir, reference, out):
+def check_experiment(exp_dir, reference, out, reference_required=True):
     """The experiment's specs that have run folders. UserError if the folder does not exist or its name breaks the
-    rule (deepnet/names.py), if it holds no run, or if reference names no spec folder in it. A folder whose name
-    breaks the rule is no spec: it is skipped with one line."""
+    rule (deepnet/names.py), if it holds no run, or (reference_required) if reference names no spec folder in it. A
+    folder whose name breaks the rule is no spec: it is skipped with one line."""
     check_path("experiment folder", exp_dir)
     if not os.path.isdir(exp_dir):
         raise UserError(f"experiment folder {exp_dir} does not exist")
@@ -26,7 +26,7 @@ def check_experiment(exp_dir, reference, out):
     specs = [spec for spec in folders if run_folder.run_numbers(exp_dir, spec)]
     if not specs:
         raise UserError(f"experiment folder {exp_dir} holds no runs (no <spec>/run_<n> folders)")
-    if reference not in folders:
+    if reference_required and reference not in folders:
         raise UserError(f"-reference {shown(reference)}: no spec folder of that name in {exp_dir} (its specs: "
                         f"{', '.join(folders)})")
     return specs

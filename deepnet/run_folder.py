@@ -101,7 +101,7 @@ def newest_af_weights_file(exp, spec, run):
     """The AF-weights file of spec/run with the highest minibatch number, or None."""
     found = []
     for path in glob.glob(af_weights_path(exp, glob.escape(spec), run, "*")):
-        match = re.search(r"_mb_(\d+)\.pkl$", path)
+        match = re.search(r"_mb_([0-9]+)\.pkl$", path)
         if match and path == af_weights_path(exp, spec, run, match.group(1)):
             found.append((int(match.group(1)), path))
     return max(found)[1] if found else None
@@ -117,7 +117,7 @@ def run_numbers(exp, spec):
     """Run numbers of the run_<n> folders of a spec, sorted."""
     found = []
     for name in os.listdir(os.path.join(exp, spec)):
-        match = re.fullmatch(r"run_(\d+)", name)
+        match = re.fullmatch(r"run_([0-9]+)", name)
         if match and os.path.isdir(os.path.join(exp, spec, name)):
             found.append(int(match.group(1)))
     return sorted(found)
@@ -143,7 +143,7 @@ def checkpoint_dirs(models_dir):
     """{mb: folder} of the complete checkpoints (temporary folders are ignored)."""
     found = {}
     for path in glob.glob(checkpoint_dir(glob.escape(models_dir), "*")):
-        match = re.fullmatch(r"ckpt_mb_(\d+)", os.path.basename(path))
+        match = re.fullmatch(r"ckpt_mb_([0-9]+)", os.path.basename(path))
         if match and os.path.isfile(os.path.join(path, "recorder.pkl")):
             found[int(match.group(1))] = path
     return found
@@ -170,7 +170,10 @@ def remove_temporary_files(paths):
     patterns += [os.path.join(glob.escape(os.path.dirname(p)), ".tmp_" + os.path.basename(p))
                  for p in paths["weight_temporaries"]]
     for path in (path for pattern in patterns for path in glob.glob(pattern)):
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:  # a file, or a link (removed itself, never followed)
+            os.remove(path)
 
 
 def finish_cleanup(paths, record):

@@ -14,7 +14,7 @@ import psutil
 
 import deepnet_network as net
 from deepnet import architectures, datasets, identity, outputs, run_folder, schedule
-from deepnet_util import RunError, clock, fsync_folder, save_pickle, save_text, tf_error_reason
+from deepnet_util import RunError, clock, fsync_folder, remove_path, save_pickle, save_text, tf_error_reason
 
 tf = net.tf
 
@@ -144,7 +144,8 @@ class Checkpointer:
     def save(self, sess, record, mb, with_model):
         final = run_folder.checkpoint_dir(self.models_dir, mb)
         tmp = os.path.join(self.models_dir, f".tmp_{os.path.basename(final)}_{os.getpid()}")
-        os.makedirs(tmp, exist_ok=True)
+        remove_path(tmp)  # a leftover of an earlier process with this pid, or a link: never written through
+        os.mkdir(tmp)
         try:
             self.state_saver.save(sess, os.path.join(tmp, "state"), write_meta_graph=False, write_state=False)
             if with_model:

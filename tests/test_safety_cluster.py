@@ -106,8 +106,8 @@ def cluster_settings(monkeypatch):
 
 # ---------------------------------------------------------------- nothing a user types runs as code
 
-def test_a_job_runs_its_task_with_every_argument_intact_however_hostile_the_path(tmp_path, cluster_settings,
-                                                                               capsys):
+def test_a_job_runs_its_task_with_every_argument_intact_however_hostile_the_path(
+        tmp_path, cluster_settings, capsys):
     root = str(tmp_path / HOSTILE)
     cluster_settings["python"] = fake_python(root)                 # the interpreter's path is hostile too
     assert sv.main(["--backend", "slurm", "--dry-run", "--sweep", "demo", "--specs", "relu", "--runs", "1-2",
@@ -232,8 +232,8 @@ def test_a_sweep_s_own_names_and_paths_follow_the_rule(tmp_path, monkeypatch):
     ("sge", "quote'd", "cannot carry \"'\""),
     ("slurm", "back\\slash", "sbatch reads a backslash in --output"),
 ])
-def test_output_folders_a_scheduler_cannot_carry_are_refused_before_anything_is_written(tmp_path, backend, folder,
-                                                                                       message):
+def test_output_folders_a_scheduler_cannot_carry_are_refused_before_anything_is_written(
+        tmp_path, backend, folder, message):
     root = tmp_path / folder
     result = run_supervisor(["--backend", backend, "--dry-run", "--sweep", "demo", "--set", f"path_relative={root}"])
     assert_one_line_exit_2(result, f"--backend {backend}: the jobs' output folder", message)
@@ -314,11 +314,12 @@ def test_a_minibatch_larger_than_the_training_set_is_refused_before_any_job_is_w
     for backend in ("slurm", "sge"):
         result = run_supervisor(["--backend", backend, "--dry-run", "--sweep", "demo", "--set", f"path_relative={root}",
                                  "--set", "minibatch_size=400"])
-        assert_one_line_exit_2(result, "-minibatch_size 400: larger than the ")
+        assert_one_line_exit_2(result, "-minibatch_size 400: larger than the 0 training images left of 320 after "
+                                       "a validation split of 400 (at least one minibatch)")
     result = run_supervisor(["--sweep", "demo", "--specs", "relu", "--runs", "1", "--no-analysis",
                              "--set", f"path_relative={root}", "--set", "minibatch_size=200"])
-    assert_one_line_exit_2(result, "-minibatch_size 200: larger than the 120 training images left after a "
-                                   "validation split of 200")
+    assert_one_line_exit_2(result, "-minibatch_size 200: larger than the 120 training images left of 320 after a "
+                                   "validation split of 200 (at least one minibatch)")
     assert files_under(root) == before
 
 

@@ -279,8 +279,8 @@ def assert_whole_set_then_finished(stopped_rebuild, seen, expected):
 
 
 @pytest.mark.parametrize("moment", [moment for moment in KILLS if moment != TRAINED_MOMENT])
-def test_a_rebuild_killed_leaves_a_whole_set_and_the_next_run_finishes_and_tidies_up(stopped_rebuild, old_root,
-                                                                                      tmp_path, moment):
+def test_a_rebuild_killed_leaves_a_whole_set_and_the_next_run_finishes_and_tidies_up(
+        stopped_rebuild, old_root, tmp_path, moment):
     seen = kill_and_finish(fresh_copy(old_root, tmp_path), stopped_rebuild["steps"], moment)
     assert_whole_set_then_finished(stopped_rebuild, seen, KILLS[moment][2])
 

@@ -146,6 +146,25 @@ def test_an_unknown_reference_is_exit_2_and_changes_nothing(tmp_path, capsys):
     assert snapshot(exp) == before
 
 
+def test_a_sweep_whose_reference_spec_was_not_selected_is_analysed_without_the_comparisons(tmp_path):
+    exp = small_experiment(str(tmp_path / "3_output_cifar" / "exp"))
+    lines = []
+    result = da.analyse_experiment(exp, reference="smcn_adam_c10_relu", out=lines.append, reference_required=False)
+    assert result["significance"] is None and os.path.isfile(result["report"])
+    assert sorted(row["spec_name"] for row in result["performance"]) == ["ABU", "relu"]
+    assert any("reference spec 'smcn_adam_c10_relu' has no analysed run" in line for line in lines)
+
+
+def test_the_supervisor_refuses_a_reference_that_no_analysis_could_find_before_anything_is_written(tmp_path):
+    root = str(tmp_path)
+    args = ["--sweep", "demo", "--set", f"path_relative={root}", "--set", "reference=relu_typo"]
+    with pytest.raises(UserError, match=r"^--set reference=relu_typo: neither a spec of sweep demo nor a spec "
+                                        r"folder in .*demo_smcn_cifar10, so the analysis could compare nothing"):
+        sv.main(args)
+    assert os.listdir(root) == []
+    assert sv.reference_problem(sv.parse_args(args[:4]), sv.plan(sv.parse_args(args[:4]))) is None
+
+
 def test_no_complete_run_writes_nothing_and_names_the_categories(tmp_path):
     exp = str(tmp_path / "exp")
     write_record(exp, fake_record("relu", 1, 0.5, None, "1_relu", "unrestricted", test_completed=False))
@@ -508,3 +527,28 @@ def test_status_skips_runs_whose_names_break_the_rule(tmp_path):
     rows = [line.split()[:3] for line in lines[3:5]]
     assert rows == [["relu", "1", "not"], ["relu", "2", "not"]]
     assert lines[5].startswith("2 runs: ")
+
+
+def test_run_and_checkpoint_folders_are_numbered_in_ascii_digits_only(tmp_path):
+    exp = tmp_path / "exp"
+    for name in ("run_1", "run_12", "run_\u0661", "run_\uff13", "run_1x"):
+        (exp / "relu" / name).mkdir(parents=True)
+    assert run_folder.run_numbers(str(exp), "relu") == [1, 12]
+    models = tmp_path / "models"
+    for name in ("ckpt_mb_0", "ckpt_mb_\u0662\u0660"):
+        (models / name).mkdir(parents=True)
+        (models / name / "recorder.pkl").write_bytes(b"")
+    assert sorted(run_folder.checkpoint_dirs(str(models))) == [0]
+
+
+def test_leftover_temporary_names_that_are_links_are_removed_never_followed(tmp_path):
+    paths = run_folder.folder_paths(str(tmp_path / "exp"), "relu", 1)
+    os.makedirs(paths["models"])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("kept")
+    os.symlink(outside, os.path.join(paths["models"], ".tmp_ckpt_mb_8_123"))
+    os.symlink(outside / "keep.txt", os.path.join(paths["run_dir"], ".tmp_status.json.abcd1234"))
+    run_folder.remove_temporary_files(paths)
+    assert os.listdir(paths["models"]) == [] and not glob.glob(os.path.join(paths["run_dir"], ".tmp_*"))
+    assert (outside / "keep.txt").read_text() == "kept"
