@@ -144,6 +144,7 @@ class Checkpointer:
     def save(self, sess, record, mb, with_model):
         final = run_folder.checkpoint_dir(self.models_dir, mb)
         tmp = os.path.join(self.models_dir, f".tmp_{os.path.basename(final)}_{os.getpid()}")
+        os.makedirs(self.models_dir, exist_ok=True)
         remove_path(tmp)  # a leftover of an earlier process with this pid, or a link: never written through
         os.mkdir(tmp)
         try:

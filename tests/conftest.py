@@ -1,5 +1,6 @@
 """Shared test helpers: tiny learnable CIFAR-shaped data and run settings."""
 import os
+import signal
 import sys
 
 import numpy as np
@@ -60,6 +61,15 @@ def assert_same(a, b, where="record"):
         assert np.isnan(b), f"{where}: nan vs {b}"
     else:
         assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """Every test: in-process runs install SIGTERM/SIGINT handlers; give pytest its own back after each test."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import deepnet_supervisor as sv
 import deepnet_task_cifar as task
 import deepnet_util
 from deepnet_util import RunError, UserError, load_pickle, save_pickle
-from test_reliability import (MAIN, N, RUN_FLAGS, folder_digest, record_of, restore_signal_handlers,  # noqa: F401
+from test_reliability import (MAIN, N, RUN_FLAGS, folder_digest, record_of,
                               run_dir, snapshot, wait_for_line, working_dir)
 
 STOP_MB = 19  # the second checkpoint (0, 19, 30): a run stopped there has two checkpoints with their state

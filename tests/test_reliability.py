@@ -47,15 +47,6 @@ RECORDER_KEYS = {
 
 # ---------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """In-process runs install SIGTERM/SIGINT handlers; give pytest its own back after each test."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_tiny_data(str(tmp_path_factory.mktemp("data")))

@@ -31,15 +31,6 @@ OLD_EPS, NEW_EPS = "0.5", "0.1"
 REBUILD = ["--task", TASK, "--variant", VARIANT, "--zca-epsilon", NEW_EPS]
 
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """In-process runs install SIGTERM/SIGINT handlers; give pytest its own back after each test."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 # ---------------------------------------------------------------- helpers
 
 def documented_files(root, variant=VARIANT):

@@ -26,15 +26,6 @@ ABU = ["-af_set", "5_blend5_swish", "-blend_trainable", "True", "-swish_beta_tra
 SMCN_LAYERS = ("conv1", "conv2", "conv3", "conv4", "dense5", "dense6")
 
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """In-process runs install SIGTERM/SIGINT handlers; give pytest its own back after each test."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_tiny_data(str(tmp_path_factory.mktemp("data")))
@@ -404,7 +395,7 @@ def test_a_long_name_is_refused_end_to_end_and_the_longest_names_fit(tmp_path, d
     result = subprocess.run([sys.executable, SUPERVISOR, "--sweep", "demo", "--experiment", "e" * 245,
                              "--set", f"path_relative={root}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
-    assert_cli_refusal(result, "-experiment_name 'eee")
+    assert_cli_refusal(result, "--experiment 'eee")
     assert snapshot(root, data_dir) == before
     longest = ["-experiment_name", "e" * 100, "-spec_name", "s" * 100, "-run", str(2 ** 32 - 1),
                "-n_minibatches", "4", "-val_every", "2", "-safe_af_ws_n", "2"] + ABU
