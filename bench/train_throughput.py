@@ -3,6 +3,7 @@
     python bench/train_throughput.py            # default run, a few minutes on 2 cores
     python bench/train_throughput.py --quick    # a short run (fewer steps)
     python bench/train_throughput.py --kernels-only   # the activation ops alone, GB/s
+    python bench/train_throughput.py --quick --loop-images 5120   # a smoke run of every figure
 
 Every graph is built by the suite's own deepnet_network.build_model (minibatch 256, CIFAR-shaped
 random data, keep_probs [0.5], training True, Adam, weight decay) in its own session with the
@@ -19,17 +20,28 @@ the fused fixed 1_relu, the fastest exact ReLU.
 
 It starts with the activation ops alone (--kernels-only: only that): GB/s of activations forward
 and backward of TF's relu, the fused scaled relu and the fused ABU on smcn's largest activation.
-The last line is ``abu_over_relu=<x.xx> loop_efficiency=<y.yy>``: the fused 5_blend5_swish
-(unrestricted) step time over the fixed 1_relu one, and the suite training loop's images/s over
-a bare sess.run(train_op) loop's. Targets (issues): ABU <= 1.08 x ReLU on AMD EPYC, <= 1.10 x on
-AVX-512 Intel Xeons, adaptive scaling <= 1.05 x fixed ReLU, an eval image < 1/3 of a train-step image.
+The training loop's figures run the suite's own loop (Trainer._train with its input pipeline,
+deepnet/pipeline.py) with the fused 5_blend5_swish on random data of a CIFAR-10-sized training set
+in memory (--loop-images, 50,000 by default, with the default validation split; the gather's cost
+depends on it): the loop's images/s over a bare sess.run(train_op) loop's (loop_efficiency), and
+the pipeline ceiling: the images/s the loop supplies when the step is trivial (it only reads one
+element of the fed minibatch), the host-side ms per minibatch that makes (minibatch, feed,
+recorder, a summary every 20 steps), and the ms of the Prefetcher's gather alone.
+The last line is ``abu_over_relu=<x.xx> loop_efficiency=<y.yy> pipeline_over_step=<n>``: the fused
+5_blend5_swish (unrestricted) step time over the fixed 1_relu one, the loop efficiency, and the
+pipeline ceiling over the fused fixed 1_relu step's images/s. Targets (issues): ABU <= 1.08 x ReLU
+on AMD EPYC, <= 1.10 x on AVX-512 Intel Xeons, adaptive scaling <= 1.05 x fixed ReLU, an eval image
+< 1/3 of a train-step image.
 """
 import argparse
+import contextlib
+import copy
 import os
 import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections import namedtuple
 
@@ -107,57 +119,117 @@ class Runner:
                 self.eval_times.append(time.perf_counter() - start)
 
 
-def measure_loop_efficiency(settings, steps, reps=3):
-    """Images/s of the suite's training loop (Trainer._train, validation, checkpoints and weight
-    saving switched off, TensorBoard summaries every 20 steps as in a real run) over images/s of a bare
-    sess.run(train_op) loop with one fixed feed, on the same graph and session, alternating; medians."""
-    import tempfile
+CIFAR_IMAGES = 50000  # the training loop's figures: a CIFAR-10-sized training set (the gather depends on it)
+
+
+@contextlib.contextmanager
+def bench_trainer(settings, batch=256, n_images=CIFAR_IMAGES):
+    """A Trainer of the suite (deepnet.trainer) on random data in memory: n_images training images, the default
+    validation split, -minibatch_size batch; validation, checkpoints and weight saving switched off, TensorBoard
+    summaries every 20 steps as in a real run. Its run folder lives in a temporary folder."""
     import deepnet_main
-    from deepnet import data, datasets, run_folder, trainer
-    from deepnet_util import save_pickle
-    batch = 256
+    from deepnet import data, run_folder, trainer
     rng = np.random.default_rng(0)
+    train = (rng.standard_normal((n_images, 32, 32, 3), dtype=np.float32),
+             rng.integers(0, 10, n_images).astype(np.int64))
+    test = (train[0][:batch].copy(), train[1][:batch].copy())
     with tempfile.TemporaryDirectory() as root:
-        for split, n in (("train", batch * 24), ("test", batch)):
-            save_pickle(os.path.join(root, "1_data_cifar10", f"{split}_set_ztrans", f"cifar10_{split}set.pkl"),
-                        {"images": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
-                         "labels": rng.integers(0, 10, n).astype(np.int64)})
         flags = ["-path_relative", root, "-network", settings["network"], "-af_set", settings["af_set"],
                  "-blend_mode", settings["blend_mode"], "-blend_trainable", str(settings["blend_trainable"]),
                  "-swish_beta_trainable", str(settings["swish_beta_trainable"]), "-minibatch_size", str(batch)]
         s = deepnet_main.check_flags(vars(deepnet_main.parser().parse_args(flags)))
-        train, test = (data.load_dataset(p, 10) for p in datasets.data_files(s))
-        run_data = data.Data(train, test, data.make_split(len(train[1]), s), batch)
+        run_data = data.Data(train, test, data.make_split(n_images, s), batch)
+        paths = run_folder.run_paths(s)
+        os.makedirs(paths["run_dir"])  # as the run's lock makes it
         with trainer.StopRequest() as stop:
-            loop = trainer.Trainer(s, run_folder.run_paths(s), run_data, None, lambda line: None, stop)
-            loop.val_mbs = loop.ckpt_mbs = loop.af_mbs = loop.all_mbs = set()
-            loop.sess.run(loop.init_op)
-            loop.record = trainer.new_recorder(s, run_data.mbs_per_epoch)
-            inputs = loop.model.inputs
-            images, labels = run_data.minibatch(1, batch, s)
-            feed = {inputs.images: images, inputs.labels: labels,
-                    inputs.keep_probs: s["dropout_keep_probs"], inputs.training: True}
+            loop = trainer.Trainer(s, paths, run_data, None, lambda line: None, stop)
+            try:
+                loop.val_mbs = loop.ckpt_mbs = loop.af_mbs = loop.all_mbs = set()
+                loop.sess.run(loop.init_op)
+                loop.record = trainer.new_recorder(s, run_data.mbs_per_epoch)
+                yield loop
+            finally:
+                loop.writer.close()
+                loop.sess.close()
 
-            def suite_loop(n):
-                s["n_minibatches"] = loop.record["mb_count_total"] + n
-                start = time.perf_counter()
-                loop._train()
-                return time.perf_counter() - start
 
-            def bare_loop(n):
-                start = time.perf_counter()
-                for _ in range(n):
-                    loop.sess.run(loop.model.train_op, feed)
-                return time.perf_counter() - start
+def timed_train(loop, n):
+    """Seconds for n more steps of the suite's training loop (Trainer._train)."""
+    loop.settings["n_minibatches"] = loop.record["mb_count_total"] + n
+    start = time.perf_counter()
+    loop._train()
+    return time.perf_counter() - start
 
-            suite_loop(3), bare_loop(3)
-            suite, bare = [], []
-            for _ in range(reps):
-                suite.append(suite_loop(steps))
-                bare.append(bare_loop(steps))
-            loop.writer.close()
-            loop.sess.close()
+
+def measure_loop_efficiency(loop, steps, reps=3):
+    """Images/s of the suite's training loop (Trainer._train, see bench_trainer) over images/s of a bare
+    sess.run(train_op) loop with one fixed feed, on the same graph and session, alternating; medians."""
+    s, inputs = loop.settings, loop.model.inputs
+    images, labels = loop.data.minibatch(1, s["minibatch_size"], s)
+    feed = {inputs.images: images, inputs.labels: labels, inputs.keep_probs: s["dropout_keep_probs"],
+            inputs.training: True}
+
+    def bare_loop(n):
+        start = time.perf_counter()
+        for _ in range(n):
+            loop.sess.run(loop.model.train_op, feed)
+        return time.perf_counter() - start
+
+    timed_train(loop, 3), bare_loop(3)
+    suite, bare = [], []
+    for _ in range(reps):
+        suite.append(timed_train(loop, steps))
+        bare.append(bare_loop(steps))
     return float(np.median(bare) / np.median(suite))
+
+
+def trivial_model():
+    """(a Model whose step only reads one element of the fed images and one label, with one scalar summary, in
+    its own graph; a session on it with the suite's session config). Every feed is still converted and handed
+    to TensorFlow, as a real step's is."""
+    from deepnet import trainer
+    graph = tf.Graph()
+    with graph.as_default():
+        inputs = net.make_inputs()
+        value = inputs.images[0, 0, 0, 0] + tf.cast(inputs.labels[0], tf.float32)
+        summaries = tf.summary.merge([tf.summary.scalar("objective/loss", value)])
+        model = net.Model(inputs=inputs, logits=None, loss=value, cross_entropy=value, top1=value, top5=value,
+                          predictions=None, train_op=tf.no_op(), endpoints=None, preact_stats={},
+                          summaries=summaries, model_variables=[], activation_kernel="trivial")
+    graph.finalize()
+    return model, tf.Session(graph=graph, config=trainer.session_config(trainer.current_threads()))
+
+
+def measure_pipeline_ceiling(loop, steps, reps=5):
+    """(images/s, host-side ms per minibatch): the suite's training loop (Trainer._train: the Prefetcher, the
+    feed, the recorder, a summary every 20 steps) with a trivial step on the loop's data: the most images the
+    loop can supply to a step, however fast. Median over reps of `steps` steps each, after one untimed round.
+    (The trivial step's summary is one scalar; a real step's summaries are larger, written every 20 steps by
+    the FileWriter's own thread.)"""
+    from deepnet import trainer
+    model, sess = trivial_model()
+    trivial = copy.copy(loop)
+    trivial.model, trivial.sess = model, sess
+    trivial.record = trainer.new_recorder(loop.settings, loop.data.mbs_per_epoch)
+    try:
+        timed_train(trivial, steps)
+        seconds = float(np.median([timed_train(trivial, steps) for _ in range(reps)])) / steps
+    finally:
+        sess.close()
+    return loop.settings["minibatch_size"] / seconds, 1000 * seconds
+
+
+def measure_gather(loop, steps):
+    """ms per minibatch of the input pipeline alone (deepnet.pipeline.Prefetcher over Data.minibatch, nothing
+    fed), over `steps` steps."""
+    from deepnet import pipeline
+    run_data, s = loop.data, loop.settings
+    batch = s["minibatch_size"]
+    start = time.perf_counter()
+    with pipeline.Prefetcher(lambda step: run_data.minibatch(step, batch, s), 1, steps) as minibatches:
+        for _ in minibatches:
+            pass
+    return 1000 * (time.perf_counter() - start) / steps
 
 
 KERNEL_SHAPE = (256, 32, 32, 64)  # smcn's largest activation: conv1/conv2 outputs of a 256-image minibatch
@@ -271,12 +343,21 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="a short run: --reps 3 --warmup 1 --no-rss")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak-RSS children")
     parser.add_argument("--kernels-only", action="store_true", help="only the activation ops' GB/s")
+    parser.add_argument("--loop-images", type=int, default=CIFAR_IMAGES,
+                        help="training images in memory for the training loop's figures (default: CIFAR-10's)")
+    parser.add_argument("--pipeline-steps", type=int, default=None,
+                        help="trivial steps per timed round of the pipeline ceiling (default 1000, --quick 200)")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.warmup, args.no_rss = 3, 1, True
-    if min(args.steps, args.reps, args.batch) < 1 or args.warmup < 0:
-        parser.error("--steps, --reps and --batch must be >= 1, --warmup >= 0")
+    if args.pipeline_steps is None:
+        args.pipeline_steps = 200 if args.quick else 1000
+    if min(args.steps, args.reps, args.batch, args.pipeline_steps) < 1 or args.warmup < 0:
+        parser.error("--steps, --reps, --batch and --pipeline-steps must be >= 1, --warmup >= 0")
+    if args.loop_images < 2 * args.batch:
+        parser.error(f"--loop-images must be at least 2 x --batch ({2 * args.batch}): the validation split takes "
+                     "at least one minibatch and training needs another")
     return args
 
 
@@ -311,9 +392,17 @@ def main(argv=None):
     print(f"adaptive/fixed relu = {ratio(runners, ADAPTIVE, RELU):.3f}   "
           f"fused/plain ABU (unrestricted) = {ratio(runners, ABU, ABU_PLAIN):.3f}   "
           f"before: plain ABU/plain fixed relu = {ratio(runners, ABU_PLAIN, RELU_PLAIN):.3f}")
-    efficiency = measure_loop_efficiency(bench_settings(CONFIGS[5]), steps=20, reps=1 if args.quick else 3)
-    print(f"training loop: suite loop / bare sess.run loop images/s = {efficiency:.3f}")
-    print(f"abu_over_relu={ratio(runners, ABU, RELU):.2f} loop_efficiency={efficiency:.2f}")
+    with bench_trainer(bench_settings(CONFIGS[5]), args.batch, args.loop_images) as loop:
+        efficiency = measure_loop_efficiency(loop, steps=20, reps=1 if args.quick else 3)
+        ceiling, host_ms = measure_pipeline_ceiling(loop, steps=args.pipeline_steps)
+        gather_ms = measure_gather(loop, steps=args.pipeline_steps)
+    step_rate = args.batch / np.median(next(r for r in runners if r.config.label == RELU).train_times)
+    print(f"training loop on {args.loop_images} images: suite loop / bare sess.run loop images/s = {efficiency:.3f}")
+    print(f"input pipeline: the suite loop with a trivial step supplies {ceiling:.0f} images/s ({host_ms:.2f} ms "
+          f"host-side per minibatch of {args.batch}; the gather alone {gather_ms:.2f} ms), {ceiling / step_rate:.1f} x "
+          f"the fused fixed 1_relu step's {step_rate:.0f} images/s")
+    print(f"abu_over_relu={ratio(runners, ABU, RELU):.2f} loop_efficiency={efficiency:.2f} "
+          f"pipeline_over_step={ceiling / step_rate:.1f}")
 
 
 if __name__ == "__main__":

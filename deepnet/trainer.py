@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 
 import deepnet_network as net
-from deepnet import architectures, datasets, identity, outputs, run_folder, schedule
+from deepnet import architectures, datasets, identity, outputs, pipeline, run_folder, schedule
 from deepnet_util import RunError, clock, fsync_folder, remove_path, save_pickle, save_text, tf_error_reason
 
 tf = net.tf
@@ -333,47 +333,53 @@ class Trainer:
         raise no_readable_checkpoint(self.paths, "each one's problem is printed above")
 
     def _train(self):
-        settings, model, record = self.settings, self.model, self.record
-        stop = self.stop
-        inputs = model.inputs
-        keep_probs = settings["dropout_keep_probs"]
-        fetch = [model.train_op, model.loss, model.cross_entropy, model.top1]
+        settings, record, stop = self.settings, self.record, self.stop
         session_start_mb = record["mb_count_total"]
         if stop.signal is not None:  # arrived while starting up: the latest checkpoint is current
             return self._interrupted(session_start_mb, stop.signal)
         interval_start = time.monotonic()
-        for step in range(record["mb_count_total"] + 1, settings["n_minibatches"] + 1):
-            images, labels = self.data.minibatch(step, settings["minibatch_size"], settings)
-            feed = {inputs.images: images, inputs.labels: labels, inputs.keep_probs: keep_probs, inputs.training: True,
-                    inputs.step: step, inputs.lr: schedule.learning_rate(settings, step, self.n_images)}
-            summarise = step % SUMMARY_EVERY == 0
-            results = self.sess.run(fetch + [model.summaries] if summarise else fetch, feed)
-            loss, xentropy, top1 = (float(value) for value in results[1:4])
-            self._check_lock()
-            if summarise:
-                self.writer.add_summary(results[4], step)
-            if not np.isfinite(loss):
-                self._diverged(step, loss)
-                return None
-            record["train_mb_n_hist"].append(step)
-            record["train_loss_hist"].append(loss)
-            record["train_xentropy_hist"].append(xentropy)
-            record["train_top1_hist"].append(top1)
-            record["mb_count_total"] = step
-            record["ep_count_total"] = 1 + (step - 1) // self.data.mbs_per_epoch
-            if step in self.val_mbs:
-                self.timing["mb"].append((time.monotonic() - interval_start) / max(step - session_start_mb, 1))
-                self._validate(step)
-                session_start_mb, interval_start = step, time.monotonic()
-            self._save_weights(step)
-            if step in self.ckpt_mbs:
-                record["training_completed"] = step == settings["n_minibatches"]
-                self._checkpoint(step)
-                if not record["training_completed"] and self._walltime_exceeded(step):
-                    return self._leave_incomplete(step)
-            if stop.signal is not None:
-                return self._interrupted(step, stop.signal)
+        first, batch = record["mb_count_total"] + 1, settings["minibatch_size"]
+        with pipeline.Prefetcher(lambda step: self.data.minibatch(step, batch, settings), first,
+                                 settings["n_minibatches"]) as minibatches:
+            for step, images, labels in minibatches:
+                loss, xentropy, top1 = self._step(step, images, labels)
+                if not np.isfinite(loss):
+                    self._diverged(step, loss)
+                    return None
+                record["train_mb_n_hist"].append(step)
+                record["train_loss_hist"].append(loss)
+                record["train_xentropy_hist"].append(xentropy)
+                record["train_top1_hist"].append(top1)
+                record["mb_count_total"] = step
+                record["ep_count_total"] = 1 + (step - 1) // self.data.mbs_per_epoch
+                if step in self.val_mbs:
+                    self.timing["mb"].append((time.monotonic() - interval_start) / max(step - session_start_mb, 1))
+                    self._validate(step)
+                    session_start_mb, interval_start = step, time.monotonic()
+                self._save_weights(step)
+                if step in self.ckpt_mbs:
+                    record["training_completed"] = step == settings["n_minibatches"]
+                    self._checkpoint(step)
+                    if not record["training_completed"] and self._walltime_exceeded(step):
+                        return self._leave_incomplete(step)
+                if stop.signal is not None:
+                    return self._interrupted(step, stop.signal)
         return None
+
+    def _step(self, step, images, labels):
+        """One training step on the minibatch (with the TensorBoard summaries every SUMMARY_EVERY steps, fetched in
+        the same run and queued to the writer's own thread); returns its loss, cross-entropy and top-1."""
+        model, inputs = self.model, self.model.inputs
+        feed = {inputs.images: images, inputs.labels: labels, inputs.keep_probs: self.settings["dropout_keep_probs"],
+                inputs.training: True, inputs.step: step,
+                inputs.lr: schedule.learning_rate(self.settings, step, self.n_images)}
+        fetch = [model.train_op, model.loss, model.cross_entropy, model.top1]
+        summarise = step % SUMMARY_EVERY == 0
+        results = self.sess.run(fetch + [model.summaries] if summarise else fetch, feed)
+        self._check_lock()
+        if summarise:
+            self.writer.add_summary(results[4], step)
+        return tuple(float(value) for value in results[1:4])
 
     def _lock_problem(self):
         """'' while this process holds the run's lock file (or holds no lock object), else why not."""
