@@ -144,15 +144,15 @@ class Data:
         else:
             self.val_images, self.val_labels = self.test_images, self.test_labels
         self.mbs_per_epoch = len(self.train_idx) // minibatch_size
-        self._epoch, self._order = None, None
+        self._epoch_order = None
 
     def minibatch(self, step, batch_size, settings):
         """Images and labels of training step `step` (1-based); reshuffled every epoch."""
         epoch, position = divmod(step - 1, self.mbs_per_epoch)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = self.train_idx[epoch_order(settings, epoch, len(self.train_idx))]
-        idx = self._order[position * batch_size:(position + 1) * batch_size]
+        cached = self._epoch_order  # (epoch, training rows in its order), replaced as a whole: thread-safe
+        if cached is None or cached[0] != epoch:
+            cached = self._epoch_order = (epoch, self.train_idx[epoch_order(settings, epoch, len(self.train_idx))])
+        idx = cached[1][position * batch_size:(position + 1) * batch_size]
         return self.images[idx], self.labels[idx]
 
 
