@@ -29,9 +29,10 @@ element of the fed minibatch), the host-side ms per minibatch that makes (miniba
 recorder, a summary every 20 steps), and the ms of the Prefetcher's gather alone.
 The last line is ``abu_over_relu=<x.xx> loop_efficiency=<y.yy> pipeline_over_step=<n>``: the fused
 5_blend5_swish (unrestricted) step time over the fixed 1_relu one, the loop efficiency, and the
-pipeline ceiling over the fused fixed 1_relu step's images/s. Targets (issues): ABU <= 1.08 x ReLU
-on AMD EPYC, <= 1.10 x on AVX-512 Intel Xeons, adaptive scaling <= 1.05 x fixed ReLU, an eval image
-< 1/3 of a train-step image.
+pipeline ceiling over the fused fixed 1_relu step's images/s. Targets (issues): ABU <= 1.05 x ReLU
+(#23; earlier 1.08 x on AMD EPYC, 1.10 x on AVX-512 Intel Xeons), adaptive scaling <= 1.05 x fixed
+ReLU, an eval image < 1/3 of a train-step image, loop_efficiency >= 0.97 and pipeline_over_step >= 20
+on Intel and AMD CPUs (#23).
 """
 import argparse
 import contextlib
