@@ -13,6 +13,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 
 # The exit statuses of the suite's scripts, one meaning each (a run stopped by a signal: 128 + its number).
 EXIT_FAILED = 1             # a run cannot go on: a file it needs is unreadable, a write failed
@@ -75,12 +76,26 @@ def tf_error_reason(err):
     return lines[0] if lines else type(err).__name__
 
 
+SUMMARY_THREAD = "EventLoggerThread"          # tf.summary.FileWriter's writing thread
+SUMMARY_THREAD_ERROR = "EventFileWriter writer thread error"   # the log line it writes when it fails
+
+
+def _quiet_summary_thread(hook):
+    """threading.excepthook without the summary writer thread's tracebacks (its writer raises them again)."""
+    def quiet(args):
+        if args.thread is None or args.thread.name != SUMMARY_THREAD:
+            hook(args)
+    return quiet
+
+
 @functools.lru_cache(maxsize=None)
 def import_tf():
     """Import the TF1 graph-mode API with TensorFlow's log spam switched off.
 
     TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL in recent releases, so stderr is
-    parked in a temporary file during the import and replayed only if the import fails.
+    parked in a temporary file during the import and replayed only if the import fails. The summary writer's own
+    thread reports its failure (e.g. a full disk) in a log line and a traceback; both are dropped, since the writer
+    raises the same error at its next call, which the trainer reports in one line.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import logging
@@ -93,6 +108,8 @@ def import_tf():
         try:
             import tensorflow.compat.v1 as tf
             tf.get_logger().setLevel(logging.ERROR)
+            tf.get_logger().addFilter(lambda record: not str(record.msg).startswith(SUMMARY_THREAD_ERROR))
+            threading.excepthook = _quiet_summary_thread(threading.excepthook)
             if tf.executing_eagerly():
                 tf.disable_v2_behavior()
         except BaseException:

@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL a small training run at random moments, damage its files, change its data or
 its threads, fill its disk; resume it and compare recorders.
 
-    python bench/fault_injection.py [--n 10] [--seed 0] [--keep-dir DIR]
+    python bench/fault_injection.py [--n 10] [--seed 0] [--keep-dir DIR] [--only TEXT]
 
 Runs a tiny synthetic experiment once without interruption (the reference), then N kill trials and one
 trial per fault. Every process runs with one thread (as the supervisor gives each of two workers on two
@@ -566,9 +566,14 @@ def main():
     p.add_argument("--n", type=int, default=10, help="number of killed-and-resumed trials")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill plans and moments")
     p.add_argument("--keep-dir", default=None, help="work in this (new) folder and keep it")
+    p.add_argument("--only", default=None, metavar="TEXT",
+                   help="only the faults whose names contain TEXT, each --n times (no kill trials)")
     args = p.parse_args()
     if args.n < 1:
         p.error("--n must be at least 1")
+    chosen = [name for name in FAULTS for _ in range(args.n) if args.only in name] if args.only else list(FAULTS)
+    if not chosen:
+        p.error(f"--only {args.only}: no fault of that name (faults: {', '.join(FAULTS)})")
     if args.keep_dir and os.path.exists(args.keep_dir):
         p.error(f"--keep-dir {args.keep_dir}: exists already")
     work = os.path.abspath(args.keep_dir) if args.keep_dir else tempfile.mkdtemp(prefix="fault_injection_")
@@ -583,7 +588,7 @@ def main():
               f"early stopping mb {reference['early_stopping_mb']}, test top-1 {reference['test_top1']:.4f}",
               flush=True)
         identical = clean = 0
-        for i in range(args.n):
+        for i in range(0 if args.only else args.n):
             plan = PLANS[i % len(PLANS)]
             folder, events, attempts, code = trial(work, i + 1, plan, rng, timing)
             same, tidy, note = judge(folder, reference)
@@ -592,8 +597,8 @@ def main():
                   f"| exit {code} | {'identical' if same else 'DIFFERENT'} | {'clean' if tidy else 'NOT CLEAN'}"
                   + ("" if same and tidy else f" | {note}"), flush=True)
         templates = {"stopped": stopped_template(work), "complete": os.path.join(work, "reference")}
-        total = args.n
-        for i, name in enumerate(FAULTS, args.n + 1):
+        total = 0 if args.only else args.n
+        for i, name in enumerate(chosen, args.n + 1):
             result = fault_trial(work, i, name, rng, timing, templates)
             if result is None:
                 print(f"fault {name}: skipped (mounting a small tmpfs needs root)", flush=True)

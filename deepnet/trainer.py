@@ -209,6 +209,30 @@ class LockLost(RunError):
     another process may be training the run now, so this one stops and writes nothing more."""
 
 
+class SummaryWriter:
+    """The run's tf.summary.FileWriter, whose events its own thread writes. When that thread fails (a full disk,
+    the folder gone), the writer's next call raises its error: here a RunError naming the folder, one line."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        try:
+            self.writer = tf.summary.FileWriter(folder)
+        except tf.errors.OpError as err:
+            raise RunError(f"{folder}: cannot write the TensorBoard summaries there ({tf_error_reason(err)})") from None
+
+    def __getattr__(self, name):  # add_summary, add_session_log, flush, close
+        method = getattr(self.writer, name)
+
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except (RuntimeError, tf.errors.OpError) as err:
+                raise RunError(f"{self.folder}: TensorBoard summaries not written ({tf_error_reason(err)}); the "
+                               "checkpoints written before are intact: fix the cause and run the same command "
+                               "again to resume") from None
+        return call
+
+
 def no_readable_checkpoint(paths, unreadable):
     return RunError(f"{paths['models']}: no checkpoint can be read ({unreadable}); nothing was deleted. To train the "
                     f"run again from the start, move {paths['run_dir']} away and run the same command")
@@ -242,27 +266,36 @@ class Trainer:
         outputs.make_tensorboard_folder(paths)  # with the umask's permissions: TensorFlow's would be 0755
         self.sess = tf.Session(graph=self.graph, config=session_config(self.threads))
         try:
-            self.writer = tf.summary.FileWriter(paths["summaries"])
-        except tf.errors.OpError as err:
+            self.writer = SummaryWriter(paths["summaries"])
+        except RunError:
             self.sess.close()
-            raise RunError(f"{paths['summaries']}: cannot write the TensorBoard summaries there "
-                           f"({tf_error_reason(err)})") from None
+            raise
         self.started = time.monotonic()
         self.timing = {"mb": [], "val": []}
         self.status = run_folder.RunStatus(paths, settings)
 
     def run(self):
         try:
-            return self._run()
+            result = self._run()
         except BaseException as err:
             if not self._lock_problem():  # else the run may be another process's now: its status is not ours
                 try:
                     self.status.write(self.record, "failed", f"{type(err).__name__}: {err}")
                 except OSError:  # e.g. the full disk that stopped the run: its own error is the one to report
                     pass
+            self._close(quietly=True)  # the error that stopped the run is the one to report
             raise
-        finally:
+        self._close()
+        return result
+
+    def _close(self, quietly=False):
+        """Close the summary writer (its last events written) and the session."""
+        try:
             self.writer.close()
+        except RunError:
+            if not quietly:
+                raise
+        finally:
             self.sess.close()
 
     def _run(self):

@@ -6,10 +6,12 @@ every refusal is one line, with the documented exit status, and writes nothing.
 """
 import errno
 import glob
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -392,6 +394,61 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_the_run_resumes(d
         assert_like_reference(root, reference)
     finally:
         subprocess.run(["umount", disk], check=True)
+
+
+def test_a_full_disk_under_the_summary_writer_is_one_line(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    tf = trainer.tf
+    disk = str(tmp_path / "disk")
+    os.makedirs(disk)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", disk], check=True)
+    try:
+        folder = os.path.join(disk, "summaries")
+        writer = trainer.SummaryWriter(folder)
+        with open(os.path.join(disk, "filler"), "wb", buffering=0) as handle:
+            with pytest.raises(OSError):
+                while True:
+                    handle.write(b"\0" * 4096)
+        summary = tf.Summary(value=[tf.Summary.Value(tag="x", simple_value=1.0)])
+        with pytest.raises(RunError) as stop:
+            for step in range(3):
+                writer.add_summary(summary, step)
+            writer.flush()
+        message = str(stop.value)
+        assert "\n" not in message and message.startswith(f"{folder}: TensorBoard summaries not written (")
+        assert "No space left on device" in message
+        writer.close()  # the failure closed the writer: closing it again says nothing more
+    finally:
+        subprocess.run(["umount", disk], check=True)
+
+
+def test_the_summary_writer_threads_own_reports_are_dropped_and_its_error_raised_in_one_line(tmp_path):
+    seen = []
+    hook = deepnet_util._quiet_summary_thread(seen.append)
+    for name in (deepnet_util.SUMMARY_THREAD, "other"):
+        hook(type("Args", (), {"thread": threading.Thread(name=name)})())
+    hook(type("Args", (), {"thread": None})())
+    assert [args.thread and args.thread.name for args in seen] == ["other", None]
+    logged = []
+    handler = type("Handler", (logging.Handler,), {"emit": lambda self, record: logged.append(record.getMessage())})()
+    logger = trainer.tf.get_logger()
+    logger.addHandler(handler)
+    try:
+        logger.error("EventFileWriter writer thread error: %s", "x; No space left on device")
+        logger.error("another error")
+    finally:
+        logger.removeHandler(handler)
+    assert logged == ["another error"]
+    writer = trainer.SummaryWriter(str(tmp_path / "summaries"))
+    failure = RuntimeError("/s/events; No space left on device\n\tFailed to flush 2 events to /s/events")
+    writer.writer.close()
+    writer.writer = type("Failing", (), {"add_summary": lambda self, *args: (_ for _ in ()).throw(failure)})()
+    with pytest.raises(RunError) as stop:
+        writer.add_summary(b"", 1)
+    assert str(stop.value).startswith(f"{tmp_path / 'summaries'}: TensorBoard summaries not written (/s/events; No "
+                                      "space left on device); the checkpoints written before are intact")
+    assert "\n" not in str(stop.value)
 
 
 def test_summaries_folder_being_a_file_is_one_line_exit_1(stopped_root, reference, tmp_path, capsys):
