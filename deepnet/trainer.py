@@ -221,6 +221,8 @@ class SummaryWriter:
             raise RunError(f"{folder}: cannot write the TensorBoard summaries there ({tf_error_reason(err)})") from None
 
     def __getattr__(self, name):  # add_summary, add_session_log, flush, close
+        if name.startswith("__") or name == "writer":  # copy/pickle probes, or a writer never made
+            raise AttributeError(name)
         method = getattr(self.writer, name)
 
         def call(*args, **kwargs):
