@@ -341,8 +341,8 @@ def differing_runs_problem(runs, shown=3):
     found = {}
     for settings in runs:
         paths = commands.run_paths(settings)
-        started = identity.started_settings(paths, run_folder.read_status(paths), read_recorder=True)
-        differences = identity.settings_differences(settings, started) if started is not None else []
+        differences = identity.differences_from_start(settings, paths, run_folder.read_status(paths),
+                                                      read_recorder=True)
         if differences:
             found.setdefault(identity.describe(differences), []).append(commands.run_name(settings))
     if not found:

@@ -303,10 +303,11 @@ def make_folders(base, path):
             raise NotADirectoryError(errno.ENOTDIR, "is not a directory", current)
 
 
-def remove_path(path):
-    """Delete a file or a folder tree; a symbolic link is removed itself, never followed."""
+def remove_path(path, ignore_errors=False):
+    """Delete a file or a folder tree; a symbolic link is removed itself, never followed. ignore_errors: a tree is
+    removed as far as it can be (shutil.rmtree's)."""
     if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=ignore_errors)
     elif os.path.lexists(path):
         os.unlink(path)
 

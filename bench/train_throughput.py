@@ -150,8 +150,7 @@ def bench_trainer(settings, batch=256, n_images=CIFAR_IMAGES):
                 loop.record = trainer.new_recorder(s, run_data.mbs_per_epoch)
                 yield loop
             finally:
-                loop.writer.close()
-                loop.sess.close()
+                loop._close()
 
 
 def timed_train(loop, n):

@@ -75,8 +75,9 @@ def cluster_problem(key, value):
 
 def output_folder_problem(backend, folder):
     """Why the job's output folder cannot go into the backend's directive ('' if it can)."""
-    if names.path_problem(folder):
-        return names.path_problem(folder)
+    problem = names.path_problem(folder)
+    if problem:
+        return problem
     refused = sorted(set(OUTPUT_FOLDER_REFUSED[backend]) & set(folder))
     if not refused:
         return ""

@@ -68,6 +68,13 @@ def check_same_settings(settings, record, complete=False):
                     "another -run/-spec_name")
 
 
+def differences_from_start(settings, paths, status, read_recorder=False):
+    """settings_differences between settings and those the run at paths was started with (started_settings); []
+    where neither its status.json nor (read_recorder) its recorder says."""
+    started = started_settings(paths, status, read_recorder)
+    return settings_differences(settings, started) if started is not None else []
+
+
 def started_settings(paths, status, read_recorder=False):
     """The settings the run at paths was started with: those its status.json records (status: read_status's
     fields), else, with read_recorder, its recorder's (runs of older suites); None where neither says."""

@@ -19,7 +19,8 @@ import shutil
 import time
 from collections import namedtuple
 
-from deepnet_util import RunLock, UserError, atomic_write_bytes, load_json_object, load_pickle, save_json
+from deepnet_util import (RunLock, UserError, atomic_write_bytes, load_json_object, load_pickle, remove_path,
+                          save_json)
 
 OUTPUT_DIR = "3_output_cifar"
 STATES = ("complete", "damaged", "running", "incomplete", "failed", "not started")
@@ -170,10 +171,7 @@ def remove_temporary_files(paths):
     patterns += [os.path.join(glob.escape(os.path.dirname(p)), ".tmp_" + os.path.basename(p))
                  for p in paths["weight_temporaries"]]
     for path in (path for pattern in patterns for path in glob.glob(pattern)):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:  # a file, or a link (removed itself, never followed)
-            os.remove(path)
+        remove_path(path, ignore_errors=True)  # a link is removed itself, never followed
 
 
 def finish_cleanup(paths, record):

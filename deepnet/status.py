@@ -61,8 +61,7 @@ def run_status(settings, host):
 def differing(row, settings, status):
     """The row as 'differing' when the run's status.json records other settings than the selection's (each
     difference: flag, recorded value -> selected value); else the row as it is."""
-    started = identity.started_settings(None, status)
-    differences = identity.settings_differences(settings, started) if started is not None else []
+    differences = identity.differences_from_start(settings, None, status)
     if not differences:
         return row
     return dict(row, state="differing", detail=f"{row['state']}, with other settings: "

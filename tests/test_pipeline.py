@@ -246,8 +246,7 @@ def loop(tiny_root):
             loop.spy = FeedSpy(loop.sess, loop.model.inputs, stop)
             yield loop
         finally:
-            loop.writer.close()
-            loop.sess.close()
+            loop._close()
 
 
 def assert_fed_by_the_rule(loop, steps):
