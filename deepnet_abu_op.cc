@@ -14,8 +14,11 @@
 // float runs on packs of values as wide as the target's vector registers (GCC/clang vector
 // extensions: 16 with AVX-512, 8 with AVX2, 4 with SSE/NEON), double element by element with <cmath>.
 // Sums are taken per fixed block of elements and added in block order, so results do not
-// depend on the number of threads. deepnet_network.py builds this file on first use and
-// reports when it cannot (the plain composition of TF ops is then used).
+// depend on the number of threads. Each op writes into its input's buffer (y into x's, dx into
+// dy's) when TensorFlow hands it over, i.e. when nothing else reads that input: no fresh memory
+// for the OS to fault in, which on 2 cores cost ABU steps more than the functions themselves; so
+// every loop reads an element's inputs before it writes its output. deepnet_network.py builds this
+// file on first use and reports when it cannot (the plain composition of TF ops is then used).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -58,6 +61,7 @@ constexpr int kLanes = 4;  // SSE2, NEON
 #endif
 typedef float FloatPack __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IntPack __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint32_t UIntPack __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
 // What one step of the loops below works on: a pack of floats, or one double.
 template <typename T>
@@ -99,28 +103,39 @@ inline double LaneSum(double v) { return v; }
 
 // ---------------------------------------------------------------- the five functions
 
-// exp(v) and expm1(v) for v <= 0 from one polynomial: v = n ln2 + r with |r| <= ln2/2, q = expm1(r)
-// = r + r^2 P(r) with P of degree 4 fitted to expm1's relative error on that interval (8.9e-8 in float
-// arithmetic, the same as its Taylor series to r^7), then exp(v) = 2^n (1 + q) and expm1(v) = 2^n q + (2^n - 1), which keeps
-// expm1's relative accuracy near 0. Below -87 (beyond float's normal range) exp is 0 and expm1 -1.
-DEEPNET_INLINE void ExpAndExpm1(FloatPack v, FloatPack* e, FloatPack* em1) {
+// exp(v) for v <= 0 from one polynomial: v = n ln2 + r with |r| <= ln2/2, q = expm1(r) = r + r^2 P(r) with
+// P of degree 4 fitted to expm1's relative error on that interval (8.9e-8 in float arithmetic, the same as its
+// Taylor series to r^7), then exp(v) = 2^n (1 + q) and expm1(v) = 2^n q + (2^n - 1), which keeps expm1's
+// relative accuracy near 0. v is clamped at -87 (beyond float's normal range), so exp(v) is 1.6e-38 there and
+// expm1(v) is -1; ExpExactZero gives 0 below it. n is taken from the bits of t = n + 1.5 * 2^23 (t lies in
+// [2^23, 2^24), where the bits count in ones): t's bits shifted by 23 are n's, mod 2^32, and adding 127's makes 2^n.
+struct ExpParts {
+  FloatPack scale, q;  // exp(v) = scale (1 + q)
+};
+
+DEEPNET_INLINE ExpParts ExpOfNonPositive(FloatPack v) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln2 = hi + lo
   const float kRound = 12582912.0f;                              // 1.5 * 2^23: adding it rounds to an integer
-  const IntPack tiny = v < -87.0f;
-  const FloatPack vc = Select(tiny, Splat(-87.0f), v);
-  const FloatPack n = (vc * kLog2e + kRound) - kRound;
+  const FloatPack vc = Select(v < -87.0f, Splat(-87.0f), v);
+  const FloatPack t = vc * kLog2e + kRound;
+  const FloatPack n = t - kRound;
   const FloatPack r = (vc - n * kLn2Hi) - n * kLn2Lo;
   FloatPack p = Splat(1.391566505e-3f);
   p = p * r + 8.366091702e-3f;
   p = p * r + 4.166668720e-2f;
   p = p * r + 1.666654689e-1f;
   p = p * r + 4.999999976e-1f;
-  const FloatPack q = (p * r) * r + r;
-  const FloatPack scale = (FloatPack)((__builtin_convertvector(n, IntPack) + 127) << 23);  // 2^n
-  *e = Select(tiny, Splat(0.0f), scale * q + scale);
-  *em1 = Select(tiny, Splat(-1.0f), scale * q + (scale - 1.0f));
+  return {(FloatPack)(((UIntPack)t << 23) + 0x3f800000u), (p * r) * r + r};
 }
+
+// exp(v) for v <= 0, exactly 0 below -87.
+DEEPNET_INLINE FloatPack ExpExactZero(FloatPack v) {
+  const ExpParts x = ExpOfNonPositive(v);
+  return Select(v < -87.0f, Splat(0.0f), x.scale * x.q + x.scale);
+}
+
+DEEPNET_INLINE FloatPack NegativeAbs(FloatPack v) { return (FloatPack)((UIntPack)v | 0x80000000u); }
 
 // The five functions at one point (or pack of points) and what their derivatives need.
 template <typename P>
@@ -132,26 +147,26 @@ struct Point {
 DEEPNET_INLINE Point<FloatPack> Evaluate(FloatPack x, float beta) {
   Point<FloatPack> p;
   const IntPack pos = x > 0.0f;
-  FloatPack e, m;
-  ExpAndExpm1(Select(pos, -x, x), &e, &m);  // of -|x|
-  const FloatPack tanh_num = -m * (2.0f + m);  // 1 - e^2
+  const ExpParts a = ExpOfNonPositive(NegativeAbs(x));
+  const FloatPack e = a.scale * a.q + a.scale;           // exp(-|x|)
+  const FloatPack m = a.scale * a.q + (a.scale - 1.0f);  // expm1(-|x|)
+  const FloatPack tanh_num = (-2.0f - m) * m;  // 1 - e^2
   const FloatPack tanh_den = 2.0f - tanh_num;  // 1 + e^2
   const FloatPack z = beta * x;
-  const IntPack z_pos = z >= 0.0f;
-  FloatPack u, unused;
-  ExpAndExpm1(Select(z_pos, -z, z), &u, &unused);  // of -|z|
+  const FloatPack u = ExpExactZero(NegativeAbs(z));  // exp(-|z|)
   const FloatPack one_u = 1.0f + u;
   const FloatPack inv = 1.0f / (tanh_den * one_u);  // both denominators lie in [1, 2]
   const FloatPack tanh_a = tanh_num * one_u * inv;  // tanh(|x|)
   const FloatPack r = tanh_den * inv;               // 1 / (1 + u)
+  const FloatPack ur = u * r;
   p.relu = Select(pos, x, Splat(0.0f));
   p.drelu = Select(pos, Splat(1.0f), Splat(0.0f));
   p.elu = Select(pos, x, m);
   p.delu = Select(pos, Splat(1.0f), e);
-  p.tanh = Select(x < 0.0f, -tanh_a, tanh_a);
+  p.tanh = (FloatPack)((UIntPack)tanh_a ^ ((UIntPack)x & 0x80000000u));  // tanh(|x|) with x's sign
   p.dtanh = 1.0f - tanh_a * tanh_a;
-  p.sig = Select(z_pos, r, u * r);
-  p.dsig = u * r * r;
+  p.sig = Select(z >= 0.0f, r, ur);
+  p.dsig = ur * r;
   return p;
 }
 
@@ -211,7 +226,7 @@ class ForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckParameters(ctx->input(1), ctx->input(2)));
     const Weights<T> p = ReadWeights<T>(ctx->input(1), ctx->input(2));
     Tensor* y_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_in.shape(), &y_out));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x_in.shape(), &y_out));
     const T* x = x_in.flat<T>().data();
     T* y = y_out->flat<T>().data();
     Parallel(ctx, x_in.NumElements(), 15, [&](int64_t begin, int64_t end) { Span(p, x, y, begin, end); });
@@ -251,7 +266,7 @@ class BackwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckParameters(ctx->input(2), ctx->input(3)));
     const Weights<T> p = ReadWeights<T>(ctx->input(2), ctx->input(3));
     Tensor *dx_out = nullptr, *dw_out = nullptr, *dbeta_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_in.shape(), &dx_out));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, x_in.shape(), &dx_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({kWeights}), &dw_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({}), &dbeta_out));
     const int64_t n = x_in.NumElements();
@@ -327,7 +342,7 @@ class ScaledReluOp : public OpKernel {
     OP_REQUIRES(ctx, ctx->input(1).dims() == 0, absl::InvalidArgumentError("weight must be a scalar"));
     const T w = ctx->input(1).scalar<T>()();
     Tensor* y_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_in.shape(), &y_out));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x_in.shape(), &y_out));
     const T* x = x_in.flat<T>().data();
     T* y = y_out->flat<T>().data();
     Parallel(ctx, x_in.NumElements(), 2, [&](int64_t begin, int64_t end) { Span(w, x, y, begin, end); });
@@ -353,7 +368,7 @@ class ScaledReluGradOp : public OpKernel {
     OP_REQUIRES(ctx, ctx->input(2).dims() == 0, absl::InvalidArgumentError("weight must be a scalar"));
     const T w = ctx->input(2).scalar<T>()();
     Tensor *dx_out = nullptr, *dw_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_in.shape(), &dx_out));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, x_in.shape(), &dx_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({}), &dw_out));
     const int64_t n = x_in.NumElements();
     const int64_t n_blocks = (n + kBlock - 1) / kBlock;
@@ -387,8 +402,9 @@ class ScaledReluGradOp : public OpKernel {
       }
     double s = 0.0;
     for (; i < end; ++i) {
-      dx[i] = x[i] > T(0) ? dy[i] * w : T(0);
-      s += dy[i] * (x[i] > T(0) ? x[i] : T(0));
+      const T xi = x[i], gi = dy[i];  // read before dx[i] is written: dx may be dy's buffer
+      dx[i] = xi > T(0) ? gi * w : T(0);
+      s += gi * (xi > T(0) ? xi : T(0));
     }
     for (int lane = 0; lane < kLanes; ++lane) s += acc[lane];
     return s;

@@ -359,18 +359,22 @@ def _batch_norm(x, training, name, inference=arch.BN_INFERENCE[0]):
 # ---------------------------------------------------------------- TensorBoard summaries, as the original's
 
 SUMMARIES = "train_summaries"  # evaluated every SUMMARY_EVERY minibatches on the training minibatch
-PRE_UPDATE_READS = "pre_update_reads"  # variable values the summaries show; the update waits for them
+# The tensors whose histograms TensorBoard shows, and their tags (same order): the trainer fetches them with the
+# step and buckets them off it, in its summary writer's thread (deepnet/histograms.py).
+HISTOGRAMS, HISTOGRAM_TAGS = "train_histograms", "train_histogram_tags"
+PRE_UPDATE_READS = "pre_update_reads"  # copies of the variables the summaries show; the update waits for them
 SUMMARY_IMAGES = 32  # activation summaries sample this many images: a whole minibatch costs ~4 steps
 
 
 def variable_summaries(tensor, tag):
     """mean, stddev, max and min scalars and a histogram of a tensor (the original's variable_summaries),
-    tagged '<tag>/mean' ... '<tag>/histogram'."""
+    tagged '<tag>/mean' ... '<tag>/histogram'; the histogram is made by the trainer (HISTOGRAMS)."""
     mean = tf.reduce_mean(tensor)
     for name, value in (("mean", mean), ("stddev", tf.sqrt(tf.reduce_mean(tf.square(tensor - mean)))),
                         ("max", tf.reduce_max(tensor)), ("min", tf.reduce_min(tensor))):
         tf.add_to_collection(SUMMARIES, tf.raw_ops.ScalarSummary(tags=f"{tag}/{name}", values=value))
-    tf.add_to_collection(SUMMARIES, tf.raw_ops.HistogramSummary(tag=f"{tag}/histogram", values=tensor))
+    tf.add_to_collection(HISTOGRAMS, tensor)
+    tf.add_to_collection(HISTOGRAM_TAGS, f"{tag}/histogram")
 
 
 def _activation_summaries(tensor, label):
@@ -383,8 +387,9 @@ def _scoped(label):
 
 
 def _summarise_variable(variable, label):
-    """Summaries of a variable's value before this step's update (train() orders the update after the read)."""
-    value = variable.read_value()
+    """Summaries of a variable's value before this step's update: a copy (a read would share the buffer the update
+    writes into), and train() orders the update after it."""
+    value = tf.raw_ops.Snapshot(input=variable.read_value())
     tf.add_to_collection(PRE_UPDATE_READS, value)
     variable_summaries(value, _scoped(label))
 
@@ -511,7 +516,7 @@ def train(total_loss, optimizer, lr):
 
 
 Model = namedtuple("Model", "inputs logits loss cross_entropy top1 top5 predictions train_op "
-                            "endpoints preact_stats summaries model_variables activation_kernel")
+                            "endpoints preact_stats summaries histograms model_variables activation_kernel")
 
 
 def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
@@ -531,7 +536,8 @@ def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
     preact_stats = {name: tf.nn.moments(p, list(range(len(p.shape))))
                     for name, p in endpoints.preacts.items()}
     return Model(inputs, logits, total_loss, cross_entropy, top1, top5, tf.argmax(logits, 1), train_op,
-                 endpoints, preact_stats, tf.summary.merge_all(SUMMARIES), model_variables,
+                 endpoints, preact_stats, tf.summary.merge_all(SUMMARIES),
+                 tuple(zip(tf.get_collection(HISTOGRAM_TAGS), tf.get_collection(HISTOGRAMS))), model_variables,
                  activation_kernel(tf.get_default_graph()))
 
 

@@ -30,9 +30,9 @@ recorder, a summary every 20 steps), and the ms of the Prefetcher's gather alone
 The last line is ``abu_over_relu=<x.xx> loop_efficiency=<y.yy> pipeline_over_step=<n>``: the fused
 5_blend5_swish (unrestricted) step time over the fixed 1_relu one, the loop efficiency, and the
 pipeline ceiling over the fused fixed 1_relu step's images/s. Targets (issues): ABU <= 1.05 x ReLU
-(#23; earlier 1.08 x on AMD EPYC, 1.10 x on AVX-512 Intel Xeons), adaptive scaling <= 1.05 x fixed
-ReLU, an eval image < 1/3 of a train-step image, loop_efficiency >= 0.97 and pipeline_over_step >= 20
-on Intel and AMD CPUs (#23).
+(#23; 1.08 x on an AVX2 AMD EPYC before the kernels wrote into their inputs' buffers), adaptive
+scaling <= 1.05 x fixed ReLU, an eval image < 1/3 of a train-step image, loop_efficiency >= 0.97 and
+pipeline_over_step >= 20 on Intel and AMD CPUs (#23).
 """
 import argparse
 import contextlib
@@ -195,7 +195,8 @@ def trivial_model():
         summaries = tf.summary.merge([tf.summary.scalar("objective/loss", value)])
         model = net.Model(inputs=inputs, logits=None, loss=value, cross_entropy=value, top1=value, top5=value,
                           predictions=None, train_op=tf.no_op(), endpoints=None, preact_stats={},
-                          summaries=summaries, model_variables=[], activation_kernel="trivial")
+                          summaries=summaries, histograms=(), model_variables=[],
+                          activation_kernel="trivial")
     graph.finalize()
     return model, tf.Session(graph=graph, config=trainer.session_config(trainer.current_threads()))
 

@@ -7,13 +7,14 @@ with, so a run resumed from any checkpoint continues exactly as it would have.
 import os
 import shutil
 import signal
+import threading
 import time
 
 import numpy as np
 import psutil
 
 import deepnet_network as net
-from deepnet import architectures, datasets, identity, outputs, pipeline, run_folder, schedule
+from deepnet import architectures, datasets, histograms, identity, outputs, pipeline, run_folder, schedule
 from deepnet_util import RunError, clock, fsync_folder, remove_path, save_pickle, save_text, tf_error_reason
 
 tf = net.tf
@@ -211,28 +212,70 @@ class LockLost(RunError):
 
 class SummaryWriter:
     """The run's tf.summary.FileWriter, whose events its own thread writes. When that thread fails (a full disk,
-    the folder gone), the writer's next call raises its error: here a RunError naming the folder, one line."""
+    the folder gone), the writer's next call raises its error: here a RunError naming the folder, one line.
+    add_histograms makes a step's histograms in a thread of its own while training goes on."""
 
     def __init__(self, folder):
         self.folder = folder
+        self._histograms, self._histogram_error = None, None  # the thread making the last histograms, its error
         try:
             self.writer = tf.summary.FileWriter(folder)
         except tf.errors.OpError as err:
             raise RunError(f"{folder}: cannot write the TensorBoard summaries there ({tf_error_reason(err)})") from None
 
-    def __getattr__(self, name):  # add_summary, add_session_log, flush, close
-        if name.startswith("__") or name == "writer":  # copy/pickle probes, or a writer never made
+    def __getattr__(self, name):  # add_summary, add_session_log
+        if name.startswith("_") or name == "writer":  # copy/pickle probes, or a writer never made
             raise AttributeError(name)
-        method = getattr(self.writer, name)
+        return self._guarded(getattr(self.writer, name))
 
+    def _guarded(self, method):
         def call(*args, **kwargs):
             try:
                 return method(*args, **kwargs)
             except (RuntimeError, tf.errors.OpError) as err:
-                raise RunError(f"{self.folder}: TensorBoard summaries not written ({tf_error_reason(err)}); the "
-                               "checkpoints written before are intact: fix the cause and run the same command "
-                               "again to resume") from None
+                raise self._not_written(err) from None
         return call
+
+    def _not_written(self, err):
+        return RunError(f"{self.folder}: TensorBoard summaries not written ({tf_error_reason(err)}); the checkpoints "
+                        "written before are intact: fix the cause and run the same command again to resume")
+
+    def add_histograms(self, tags, arrays, step):
+        """The histograms of arrays (tagged tags) at step, bucketed as TensorFlow's op does (deepnet.histograms) in
+        a thread while training goes on; the step's before are finished first. An array with non-finite values
+        gets none (the op would stop the run; the loss tells of a divergence)."""
+        self._finish_histograms()
+        self._histograms = threading.Thread(target=self._write_histograms, args=(tags, arrays, step),
+                                            name="histograms", daemon=True)
+        self._histograms.start()
+
+    def _write_histograms(self, tags, arrays, step):
+        try:
+            values = [tf.Summary.Value(tag=tag, histo=tf.HistogramProto(**histograms.histogram(array)))
+                      for tag, array in zip(tags, arrays) if np.all(np.isfinite(array))]
+            self.writer.add_summary(tf.Summary(value=values), step)
+        except BaseException as err:  # raised in the training thread, at the writer's next call
+            self._histogram_error = err
+
+    def _finish_histograms(self):
+        if self._histograms is not None:
+            self._histograms.join()
+            self._histograms = None
+        err, self._histogram_error = self._histogram_error, None
+        if isinstance(err, (RuntimeError, tf.errors.OpError)):
+            raise self._not_written(err) from None
+        if err is not None:
+            raise err
+
+    def flush(self):
+        self._finish_histograms()
+        self._guarded(self.writer.flush)()
+
+    def close(self):
+        try:
+            self._finish_histograms()
+        finally:
+            self._guarded(self.writer.close)()
 
 
 def no_readable_checkpoint(paths, unreadable):
@@ -402,18 +445,21 @@ class Trainer:
         return None
 
     def _step(self, step, images, labels):
-        """One training step on the minibatch (with the TensorBoard summaries every SUMMARY_EVERY steps, fetched in
-        the same run and queued to the writer's own thread); returns its loss, cross-entropy and top-1."""
+        """One training step on the minibatch (with the TensorBoard summaries every SUMMARY_EVERY steps: fetched in
+        the same run, histograms made and events written off the step); returns its loss, cross-entropy and top-1."""
         model, inputs = self.model, self.model.inputs
         feed = {inputs.images: images, inputs.labels: labels, inputs.keep_probs: self.settings["dropout_keep_probs"],
                 inputs.training: True, inputs.step: step,
                 inputs.lr: schedule.learning_rate(self.settings, step, self.n_images)}
         fetch = [model.train_op, model.loss, model.cross_entropy, model.top1]
         summarise = step % SUMMARY_EVERY == 0
-        results = self.sess.run(fetch + [model.summaries] if summarise else fetch, feed)
+        if summarise:
+            fetch += [model.summaries, [tensor for _, tensor in model.histograms]]
+        results = self.sess.run(fetch, feed)
         self._check_lock()
         if summarise:
             self.writer.add_summary(results[4], step)
+            self.writer.add_histograms([tag for tag, _ in model.histograms], results[5], step)
         return tuple(float(value) for value in results[1:4])
 
     def _lock_problem(self):

@@ -220,6 +220,47 @@ def test_fused_scaled_relu(dtype):
         graph.sess.close()
 
 
+def output_buffers(sess, fetches, feed):
+    """Run fetches with a full trace; {op name: address of its first output's buffer}, and the values."""
+    metadata = tf.RunMetadata()
+    values = sess.run(fetches, feed, options=tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE),
+                      run_metadata=metadata)
+    buffers = {node.node_name: node.output[0].tensor_description.allocation_description.ptr
+               for device in metadata.step_stats.dev_stats for node in device.node_stats
+               if node.output and node.output[0].slot == 0}
+    return buffers, values
+
+
+@pytest.mark.parametrize("af_set", [AF_SET, "1_relu"])
+def test_outputs_reuse_input_buffers(af_set):
+    """y is written into x's buffer and dx into dy's when nothing else reads them (no fresh memory to fault in),
+    with the reference's values; x read by another fetch keeps its buffer and its values."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([bulk_x(rng), np.full(15, 3.0)]).astype(np.float32)  # ends in a block's tail: no full pack
+    dy = np.concatenate([rng.normal(0.5, 1.0, size=x.size - 15), np.ones(15)]).astype(np.float32)
+    raw = RAW_WEIGHTS[:len(activations.parse_af_set(af_set))].astype(np.float32)
+    ref = reference_for_raw(2 * x, raw, 1.3, 2 * dy, "unrestricted", af_set)
+    with tf.Graph().as_default():
+        x_in, dy_in = tf.placeholder(tf.float32, [None]), tf.placeholder(tf.float32, [None])
+        doubled_x, doubled_dy = tf.multiply(x_in, 2.0, name="doubled_x"), tf.multiply(dy_in, 2.0, name="doubled_dy")
+        weights = tf.constant(raw)
+        y = net.activation(doubled_x, af_set, weights, 1.3, fused=True)
+        dx, dw = tf.gradients(y, [doubled_x, weights], grad_ys=doubled_dy)
+        feed = {x_in: x, dy_in: dy}
+        with tf.Session() as sess:
+            buffers, y_value = output_buffers(sess, y, feed)
+            assert buffers[y.op.name] == buffers["doubled_x"]
+            assert_within(y_value, ref["y"][0], TOL_REFERENCE["float32"] * np.maximum(1.0, ref["y"][1]), "y")
+            buffers, (dx_value, dw_value) = output_buffers(sess, [dx, dw], feed)
+            assert buffers[dx.op.name] == buffers["doubled_dy"]
+            for name, value in (("dx", dx_value), ("dw", dw_value)):  # dw: sums read dy where dx is written
+                assert_within(value, ref[name][0], TOL_REFERENCE["float32"] * np.maximum(1.0, ref[name][1]), name)
+            buffers, (y_value, x_value) = output_buffers(sess, [y, doubled_x], feed)
+            assert buffers[y.op.name] != buffers["doubled_x"]
+            np.testing.assert_array_equal(x_value, 2 * x)
+            assert_within(y_value, ref["y"][0], TOL_REFERENCE["float32"] * np.maximum(1.0, ref["y"][1]), "y")
+
+
 def test_module_flag_and_explicit_choice():
     with tf.Graph().as_default() as graph:
         x = tf.zeros([4])

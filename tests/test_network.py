@@ -831,11 +831,12 @@ def test_summaries_are_the_originals_statistics_of_the_values_before_the_update(
         before = sess.run({key: variables[name] for key, name in names.items()})
         feed = {model.inputs.images: images(3), model.inputs.labels: labels, model.inputs.lr: 0.5}
         loss = sess.run(model.loss, feed)
-        _, serialized = sess.run([model.train_op, model.summaries], feed)
+        _, serialized, arrays = sess.run([model.train_op, model.summaries, dict(model.histograms)], feed)
         after = sess.run({key: variables[name] for key, name in names.items()})
     summary = tf.Summary.FromString(serialized)
     scalars = {v.tag: v.simple_value for v in summary.value if v.WhichOneof("value") == "simple_value"}
-    histograms = {v.tag for v in summary.value if v.WhichOneof("value") == "histo"}
+    histograms = set(arrays)
+    assert not {v.tag for v in summary.value if v.WhichOneof("value") != "simple_value"}  # histograms: the trainer's
     assert all(not np.array_equal(before[key], after[key]) for key in before)  # the step did update them
     for key, name in names.items():
         tag = name.rsplit("/", 1)[0] + "/" + key
@@ -844,7 +845,7 @@ def test_summaries_are_the_originals_statistics_of_the_values_before_the_update(
                 "max": value.max(), "min": value.min()}
         for stat, expected in want.items():
             assert scalars[f"{tag}/{stat}"] == pytest.approx(expected, rel=1e-5, abs=1e-7), f"{tag}/{stat}"
-        assert f"{tag}/histogram" in histograms
+        np.testing.assert_array_equal(arrays[f"{tag}/histogram"], before[key])
     assert scalars["objective/loss"] == pytest.approx(float(loss), rel=1e-6)
     for layer in ORIGINAL_LAYERS["smcnLin"][:-1]:
         for what in ("weights", "biases", "preact", "activation", "blend_weights", "swish_beta"):
@@ -860,16 +861,47 @@ def test_activation_summaries_sample_the_first_images_and_variables_are_whole():
     with session_for(settings) as (model, sess):
         feed = {model.inputs.images: images(n), model.inputs.labels: np.arange(n) % 10}
         activation = sess.run(model.endpoints.activations["conv1"], feed)
-        summary = tf.Summary.FromString(sess.run(model.summaries, feed))
-    values = {v.tag: v for v in summary.value}
-    histogram = values["smcnLin/conv1/activation/histogram"].histo
+        serialized, arrays = sess.run([model.summaries, dict(model.histograms)], feed)
+    values = {v.tag: v for v in tf.Summary.FromString(serialized).value}
     sample = activation[:dn.SUMMARY_IMAGES].astype(np.float64)
-    assert histogram.num == sample.size and histogram.sum == pytest.approx(sample.sum(), rel=1e-4)
+    np.testing.assert_array_equal(arrays["smcnLin/conv1/activation/histogram"], sample)
     assert values["smcnLin/conv1/activation/mean"].simple_value == pytest.approx(sample.mean(), rel=1e-5)
     assert values["smcnLin/conv1/activation/stddev"].simple_value == pytest.approx(sample.std(), rel=1e-5)
     assert values["smcnLin/conv1/activation/max"].simple_value == pytest.approx(sample.max(), rel=1e-6)
     assert sample.mean() != pytest.approx(activation.astype(np.float64).mean(), rel=1e-5)  # a real sample
-    assert values["smcnLin/conv2/weights/histogram"].histo.num == 3 * 3 * 64 * 64  # variables: whole
+    assert arrays["smcnLin/conv2/weights/histogram"].shape == (3, 3, 64, 64)  # variables: whole
+
+
+def test_variable_summaries_show_the_values_before_the_update_however_large():
+    """A read of a (ref) variable shares the buffer the update writes into; the summaries show a copy taken
+    before the update, however long the update takes."""
+    with tf.Graph().as_default():
+        with tf.variable_scope("net"):
+            variable = tf.get_variable("big", initializer=tf.zeros([2_000_000]))
+            dn._summarise_variable(variable, "big")
+        with tf.control_dependencies(tf.get_collection(dn.PRE_UPDATE_READS)):
+            update = tf.assign_add(variable, tf.ones([2_000_000]))
+        summaries, arrays = tf.summary.merge_all(dn.SUMMARIES), dict(zip(tf.get_collection(dn.HISTOGRAM_TAGS),
+                                                                          tf.get_collection(dn.HISTOGRAMS)))
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            for step in range(3):
+                _, serialized, values = sess.run([update, summaries, arrays])
+                scalars = {v.tag: v.simple_value for v in tf.Summary.FromString(serialized).value}
+                assert scalars["net/big/mean"] == scalars["net/big/max"] == scalars["net/big/min"] == step
+                np.testing.assert_array_equal(values["net/big/histogram"], np.full(2_000_000, step, np.float32))
+
+
+def test_summaries_of_non_finite_values_do_not_stop_the_step():
+    """A diverging step (NaN activations and loss) still runs with its summaries (TensorFlow's histogram op
+    refused non-finite values; the trainer's writer leaves their histograms out)."""
+    settings = make_settings(network="smcnLin", af_set="5_blend5_swish")
+    with session_for(settings) as (model, sess):
+        feed = {model.inputs.images: np.full((2, 32, 32, 3), np.nan, np.float32), model.inputs.labels: [1, 2]}
+        loss, serialized, arrays = sess.run([model.loss, model.summaries, dict(model.histograms)], feed)
+    assert np.isnan(loss) and np.isnan(arrays["smcnLin/conv1/activation/histogram"]).all()
+    scalars = {v.tag: v.simple_value for v in tf.Summary.FromString(serialized).value}
+    assert np.isnan(scalars["smcnLin/conv1/activation/mean"])
 
 
 # ---------------------------------------------------------------- batch norm state

@@ -9,15 +9,16 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
-from deepnet import outputs, run_folder  # noqa: E402
+from deepnet import histograms, outputs, run_folder, trainer  # noqa: E402
 from conftest import run_settings
-from deepnet_util import load_pickle
+from deepnet_util import RunError, load_pickle
 import deepnet_analysis
 import deepnet_task_cifar as task
 
@@ -152,3 +153,68 @@ def test_tensorboard_serves_runs_scalars_and_hparams(experiment):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, 9)
             server.wait()
+
+
+# ---------------------------------------------------------------- histograms, made off the training step
+
+def tensorflow_histogram(values):
+    """The HistogramProto of TensorFlow's own HistogramSummary op for values."""
+    tf = trainer.tf
+    with tf.Graph().as_default(), tf.Session() as sess:
+        serialized = sess.run(tf.raw_ops.HistogramSummary(tag="h", values=tf.constant(values)))
+    return tf.Summary.FromString(serialized).value[0].histo
+
+
+def histogram_inputs():
+    rng = np.random.default_rng(3)
+    limits = histograms.LIMITS[1:-1]
+    yield "normal", (rng.normal(size=200_000) * 0.3).astype(np.float32)
+    yield "activations", np.maximum(rng.normal(size=(32, 8, 8, 16)), 0).astype(np.float32)
+    yield "on the limits", np.concatenate([limits, np.nextafter(limits, np.inf), np.nextafter(limits, -np.inf)])
+    yield "wide", (np.sign(rng.normal(size=5000)) * 10.0 ** rng.uniform(-45, 38, size=5000)).astype(np.float32)
+    yield "extremes", np.array([0.0, -0.0, 5e-324, -5e-324, 1.7e307, -1.7e307, 1e20, 1e-12, 1e200])
+    yield "one value", np.array([0.25], np.float32)
+    yield "integers", rng.integers(-3, 4, size=1000).astype(np.int32)
+
+
+@pytest.mark.parametrize("name,values", list(histogram_inputs()), ids=[name for name, _ in histogram_inputs()])
+def test_histograms_are_those_of_tensorflows_op(name, values):
+    ours, theirs = histograms.histogram(values), tensorflow_histogram(values)
+    assert ours["bucket_limit"] == list(theirs.bucket_limit) and ours["bucket"] == list(theirs.bucket)
+    assert (ours["min"], ours["max"], ours["num"]) == (theirs.min, theirs.max, theirs.num)
+    # sums in another order: equal to rounding, relative to the sum of the magnitudes (the op adds in order)
+    magnitude = np.sum(np.abs(values.astype(np.float64)))
+    assert abs(ours["sum"] - theirs.sum) <= 1e-12 * magnitude
+    assert ours["sum_squares"] == pytest.approx(theirs.sum_squares, rel=1e-12)
+
+
+def test_the_summary_writer_makes_histograms_off_the_step_and_skips_non_finite_ones(tmp_path, monkeypatch):
+    tf = trainer.tf
+    folder = str(tmp_path / "summaries")
+    writer = trainer.SummaryWriter(folder)
+    finite, broken = np.linspace(-2, 3, 1001, dtype=np.float32), np.array([1.0, np.nan, 2.0], np.float32)
+    writer.add_histograms(["a/histogram", "b/histogram", "c/histogram"], [finite, broken, -finite], 20)
+    assert writer._histograms.name == "histograms"  # made in a thread of its own
+    writer.add_histograms(["a/histogram"], [2 * finite], 40)  # waits for the step-20 ones first
+    writer.close()
+    assert writer._histograms is None
+    written = {(event.step, value.tag): value.histo for path in glob.glob(os.path.join(folder, "events.*"))
+               for event in tf.train.summary_iterator(path) for value in event.summary.value}
+    assert sorted(written) == [(20, "a/histogram"), (20, "c/histogram"), (40, "a/histogram")]
+    for (step, tag), array in {(20, "a/histogram"): finite, (20, "c/histogram"): -finite,
+                               (40, "a/histogram"): 2 * finite}.items():
+        assert written[step, tag] == tf.HistogramProto(**histograms.histogram(array))
+    # a failure in the histogram thread is raised at the writer's next call: a full disk as one line, the rest as is
+    writer = trainer.SummaryWriter(folder)
+    monkeypatch.setattr(histograms, "histogram", lambda values: (_ for _ in ()).throw(MemoryError("no memory")))
+    writer.add_histograms(["a/histogram"], [finite], 60)
+    with pytest.raises(MemoryError, match="no memory"):
+        writer.flush()
+    failure = RuntimeError("/s/events; No space left on device")
+    monkeypatch.setattr(histograms, "histogram", lambda values: (_ for _ in ()).throw(failure))
+    writer.add_histograms(["a/histogram"], [finite], 80)
+    with pytest.raises(RunError) as stop:
+        writer.close()
+    assert str(stop.value) == (f"{folder}: TensorBoard summaries not written (/s/events; No space left on device); "
+                               "the checkpoints written before are intact: fix the cause and run the same command "
+                               "again to resume")
