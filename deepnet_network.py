@@ -537,7 +537,7 @@ def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
                     for name, p in endpoints.preacts.items()}
     return Model(inputs, logits, total_loss, cross_entropy, top1, top5, tf.argmax(logits, 1), train_op,
                  endpoints, preact_stats, tf.summary.merge_all(SUMMARIES),
-                 tuple(zip(tf.get_collection(HISTOGRAM_TAGS), tf.get_collection(HISTOGRAMS))), model_variables,
+                 dict(zip(tf.get_collection(HISTOGRAM_TAGS), tf.get_collection(HISTOGRAMS))), model_variables,
                  activation_kernel(tf.get_default_graph()))
 
 

@@ -195,7 +195,7 @@ def trivial_model():
         summaries = tf.summary.merge([tf.summary.scalar("objective/loss", value)])
         model = net.Model(inputs=inputs, logits=None, loss=value, cross_entropy=value, top1=value, top5=value,
                           predictions=None, train_op=tf.no_op(), endpoints=None, preact_stats={},
-                          summaries=summaries, histograms=(), model_variables=[],
+                          summaries=summaries, histograms={}, model_variables=[],
                           activation_kernel="trivial")
     graph.finalize()
     return model, tf.Session(graph=graph, config=trainer.session_config(trainer.current_threads()))

@@ -240,30 +240,31 @@ class SummaryWriter:
         return RunError(f"{self.folder}: TensorBoard summaries not written ({tf_error_reason(err)}); the checkpoints "
                         "written before are intact: fix the cause and run the same command again to resume")
 
-    def add_histograms(self, tags, arrays, step):
-        """The histograms of arrays (tagged tags) at step, bucketed as TensorFlow's op does (deepnet.histograms) in
+    def add_histograms(self, arrays, step):
+        """The histograms of arrays ({tag: array}) at step, bucketed as TensorFlow's op does (deepnet.histograms) in
         a thread while training goes on; the step's before are finished first. An array with non-finite values
         gets none (the op would stop the run; the loss tells of a divergence)."""
         self._finish_histograms()
-        self._histograms = threading.Thread(target=self._write_histograms, args=(tags, arrays, step),
-                                            name="histograms", daemon=True)
+        self._histograms = threading.Thread(target=self._write_histograms, args=(arrays, step), name="histograms",
+                                            daemon=True)
         self._histograms.start()
 
-    def _write_histograms(self, tags, arrays, step):
+    def _write_histograms(self, arrays, step):
         try:
-            values = [tf.Summary.Value(tag=tag, histo=tf.HistogramProto(**histograms.histogram(array)))
-                      for tag, array in zip(tags, arrays) if np.all(np.isfinite(array))]
-            self.writer.add_summary(tf.Summary(value=values), step)
+            self._guarded(self._add_histogram_summary)(arrays, step)
         except BaseException as err:  # raised in the training thread, at the writer's next call
             self._histogram_error = err
+
+    def _add_histogram_summary(self, arrays, step):
+        values = [tf.Summary.Value(tag=tag, histo=tf.HistogramProto(**histograms.histogram(array)))
+                  for tag, array in arrays.items() if np.all(np.isfinite(array))]
+        self.writer.add_summary(tf.Summary(value=values), step)
 
     def _finish_histograms(self):
         if self._histograms is not None:
             self._histograms.join()
             self._histograms = None
         err, self._histogram_error = self._histogram_error, None
-        if isinstance(err, (RuntimeError, tf.errors.OpError)):
-            raise self._not_written(err) from None
         if err is not None:
             raise err
 
@@ -454,12 +455,12 @@ class Trainer:
         fetch = [model.train_op, model.loss, model.cross_entropy, model.top1]
         summarise = step % SUMMARY_EVERY == 0
         if summarise:
-            fetch += [model.summaries, [tensor for _, tensor in model.histograms]]
+            fetch += [model.summaries, model.histograms]
         results = self.sess.run(fetch, feed)
         self._check_lock()
         if summarise:
             self.writer.add_summary(results[4], step)
-            self.writer.add_histograms([tag for tag, _ in model.histograms], results[5], step)
+            self.writer.add_histograms(results[5], step)
         return tuple(float(value) for value in results[1:4])
 
     def _lock_problem(self):

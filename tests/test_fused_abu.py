@@ -240,6 +240,10 @@ def test_outputs_reuse_input_buffers(af_set):
     dy = np.concatenate([rng.normal(0.5, 1.0, size=x.size - 15), np.ones(15)]).astype(np.float32)
     raw = RAW_WEIGHTS[:len(activations.parse_af_set(af_set))].astype(np.float32)
     ref = reference_for_raw(2 * x, raw, 1.3, 2 * dy, "unrestricted", af_set)
+
+    def assert_reference(value, name):
+        assert_within(value, ref[name][0], TOL_REFERENCE["float32"] * np.maximum(1.0, ref[name][1]), name)
+
     with tf.Graph().as_default():
         x_in, dy_in = tf.placeholder(tf.float32, [None]), tf.placeholder(tf.float32, [None])
         doubled_x, doubled_dy = tf.multiply(x_in, 2.0, name="doubled_x"), tf.multiply(dy_in, 2.0, name="doubled_dy")
@@ -250,15 +254,15 @@ def test_outputs_reuse_input_buffers(af_set):
         with tf.Session() as sess:
             buffers, y_value = output_buffers(sess, y, feed)
             assert buffers[y.op.name] == buffers["doubled_x"]
-            assert_within(y_value, ref["y"][0], TOL_REFERENCE["float32"] * np.maximum(1.0, ref["y"][1]), "y")
+            assert_reference(y_value, "y")
             buffers, (dx_value, dw_value) = output_buffers(sess, [dx, dw], feed)
             assert buffers[dx.op.name] == buffers["doubled_dy"]
-            for name, value in (("dx", dx_value), ("dw", dw_value)):  # dw: sums read dy where dx is written
-                assert_within(value, ref[name][0], TOL_REFERENCE["float32"] * np.maximum(1.0, ref[name][1]), name)
+            assert_reference(dx_value, "dx")
+            assert_reference(dw_value, "dw")  # its sums read dy where dx is written
             buffers, (y_value, x_value) = output_buffers(sess, [y, doubled_x], feed)
             assert buffers[y.op.name] != buffers["doubled_x"]
             np.testing.assert_array_equal(x_value, 2 * x)
-            assert_within(y_value, ref["y"][0], TOL_REFERENCE["float32"] * np.maximum(1.0, ref["y"][1]), "y")
+            assert_reference(y_value, "y")
 
 
 def test_module_flag_and_explicit_choice():

@@ -831,7 +831,7 @@ def test_summaries_are_the_originals_statistics_of_the_values_before_the_update(
         before = sess.run({key: variables[name] for key, name in names.items()})
         feed = {model.inputs.images: images(3), model.inputs.labels: labels, model.inputs.lr: 0.5}
         loss = sess.run(model.loss, feed)
-        _, serialized, arrays = sess.run([model.train_op, model.summaries, dict(model.histograms)], feed)
+        _, serialized, arrays = sess.run([model.train_op, model.summaries, model.histograms], feed)
         after = sess.run({key: variables[name] for key, name in names.items()})
     summary = tf.Summary.FromString(serialized)
     scalars = {v.tag: v.simple_value for v in summary.value if v.WhichOneof("value") == "simple_value"}
@@ -861,7 +861,7 @@ def test_activation_summaries_sample_the_first_images_and_variables_are_whole():
     with session_for(settings) as (model, sess):
         feed = {model.inputs.images: images(n), model.inputs.labels: np.arange(n) % 10}
         activation = sess.run(model.endpoints.activations["conv1"], feed)
-        serialized, arrays = sess.run([model.summaries, dict(model.histograms)], feed)
+        serialized, arrays = sess.run([model.summaries, model.histograms], feed)
     values = {v.tag: v for v in tf.Summary.FromString(serialized).value}
     sample = activation[:dn.SUMMARY_IMAGES].astype(np.float64)
     np.testing.assert_array_equal(arrays["smcnLin/conv1/activation/histogram"], sample)
@@ -881,8 +881,8 @@ def test_variable_summaries_show_the_values_before_the_update_however_large():
             dn._summarise_variable(variable, "big")
         with tf.control_dependencies(tf.get_collection(dn.PRE_UPDATE_READS)):
             update = tf.assign_add(variable, tf.ones([2_000_000]))
-        summaries, arrays = tf.summary.merge_all(dn.SUMMARIES), dict(zip(tf.get_collection(dn.HISTOGRAM_TAGS),
-                                                                          tf.get_collection(dn.HISTOGRAMS)))
+        summaries = tf.summary.merge_all(dn.SUMMARIES)
+        arrays = dict(zip(tf.get_collection(dn.HISTOGRAM_TAGS), tf.get_collection(dn.HISTOGRAMS)))
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())
             for step in range(3):
@@ -898,7 +898,7 @@ def test_summaries_of_non_finite_values_do_not_stop_the_step():
     settings = make_settings(network="smcnLin", af_set="5_blend5_swish")
     with session_for(settings) as (model, sess):
         feed = {model.inputs.images: np.full((2, 32, 32, 3), np.nan, np.float32), model.inputs.labels: [1, 2]}
-        loss, serialized, arrays = sess.run([model.loss, model.summaries, dict(model.histograms)], feed)
+        loss, serialized, arrays = sess.run([model.loss, model.summaries, model.histograms], feed)
     assert np.isnan(loss) and np.isnan(arrays["smcnLin/conv1/activation/histogram"]).all()
     scalars = {v.tag: v.simple_value for v in tf.Summary.FromString(serialized).value}
     assert np.isnan(scalars["smcnLin/conv1/activation/mean"])

@@ -193,9 +193,9 @@ def test_the_summary_writer_makes_histograms_off_the_step_and_skips_non_finite_o
     folder = str(tmp_path / "summaries")
     writer = trainer.SummaryWriter(folder)
     finite, broken = np.linspace(-2, 3, 1001, dtype=np.float32), np.array([1.0, np.nan, 2.0], np.float32)
-    writer.add_histograms(["a/histogram", "b/histogram", "c/histogram"], [finite, broken, -finite], 20)
+    writer.add_histograms({"a/histogram": finite, "b/histogram": broken, "c/histogram": -finite}, 20)
     assert writer._histograms.name == "histograms"  # made in a thread of its own
-    writer.add_histograms(["a/histogram"], [2 * finite], 40)  # waits for the step-20 ones first
+    writer.add_histograms({"a/histogram": 2 * finite}, 40)  # waits for the step-20 ones first
     writer.close()
     assert writer._histograms is None
     written = {(event.step, value.tag): value.histo for path in glob.glob(os.path.join(folder, "events.*"))
@@ -207,12 +207,12 @@ def test_the_summary_writer_makes_histograms_off_the_step_and_skips_non_finite_o
     # a failure in the histogram thread is raised at the writer's next call: a full disk as one line, the rest as is
     writer = trainer.SummaryWriter(folder)
     monkeypatch.setattr(histograms, "histogram", lambda values: (_ for _ in ()).throw(MemoryError("no memory")))
-    writer.add_histograms(["a/histogram"], [finite], 60)
+    writer.add_histograms({"a/histogram": finite}, 60)
     with pytest.raises(MemoryError, match="no memory"):
         writer.flush()
     failure = RuntimeError("/s/events; No space left on device")
     monkeypatch.setattr(histograms, "histogram", lambda values: (_ for _ in ()).throw(failure))
-    writer.add_histograms(["a/histogram"], [finite], 80)
+    writer.add_histograms({"a/histogram": finite}, 80)
     with pytest.raises(RunError) as stop:
         writer.close()
     assert str(stop.value) == (f"{folder}: TensorBoard summaries not written (/s/events; No space left on device); "
