@@ -296,18 +296,42 @@ def rebuild_kernel():
 
 # ---------------------------------------------------------------- graph pieces
 
-Inputs = namedtuple("Inputs", "images labels keep_probs training step lr")
+Inputs = namedtuple("Inputs", "images labels keep_probs training step lr staging")
+Staging = namedtuple("Staging", "images labels put clear")  # see make_inputs
 
 
-def make_inputs(image_shape=(32, 32, 3)):
-    """Placeholders fed by the training loop."""
+def staging_device():
+    """The device each minibatch is copied to during the step before its own (a GPU's), or None on the CPU."""
+    return "/device:GPU:0" if tf.config.list_physical_devices("GPU") else None
+
+
+def make_inputs(image_shape=(32, 32, 3), stage_on=None):
+    """Placeholders fed by the training loop.
+
+    With stage_on (a device), images and labels are the outputs of a staging area on that device: a training
+    step reads the minibatch staged before it, while Staging.put (fed Staging.images and Staging.labels, run in
+    the same Session.run) copies the next one there. Feeding images and labels directly (evaluation) still
+    works and leaves the staging area alone. Staging.clear empties it."""
+    images = tf.placeholder(tf.float32, (None,) + tuple(image_shape), name="next_images" if stage_on else "images")
+    labels = tf.placeholder(tf.int64, (None,), name="next_labels" if stage_on else "labels")
+    staging = None
+    if stage_on:
+        area, dtypes = "minibatch_stage", [tf.float32, tf.int64]
+        with tf.device(stage_on):
+            put = tf.raw_ops.Stage(values=[images, labels], shared_name=area, name="stage")
+            clear = tf.raw_ops.StageClear(dtypes=dtypes, shared_name=area, name="stage_clear")
+            staging = Staging(images, labels, put, clear)
+            images, labels = tf.raw_ops.Unstage(dtypes=dtypes, shared_name=area, name="images")
+        images.set_shape((None,) + tuple(image_shape))
+        labels.set_shape((None,))
     return Inputs(
-        images=tf.placeholder(tf.float32, (None,) + tuple(image_shape), name="images"),
-        labels=tf.placeholder(tf.int64, (None,), name="labels"),
+        images=images,
+        labels=labels,
         keep_probs=tf.placeholder_with_default(tf.ones([1]), (None,), name="keep_probs"),
         training=tf.placeholder_with_default(False, (), name="training"),
         step=tf.placeholder_with_default(tf.constant(0, tf.int64), (), name="step"),
         lr=tf.placeholder_with_default(0.001, (), name="lr"),
+        staging=staging,
     )
 
 
@@ -522,7 +546,7 @@ Model = namedtuple("Model", "inputs logits loss cross_entropy top1 top5 predicti
 def build_model(settings, af_init=None, image_shape=(32, 32, 3)):
     """The whole training graph in the default graph: placeholders, net, loss, metrics, train op, summaries."""
     tf.set_random_seed(settings["seed"])
-    inputs = make_inputs(image_shape)
+    inputs = make_inputs(image_shape, staging_device())
     logits, endpoints = inference(inputs, settings, af_init)
     model_variables = tf.global_variables()  # before the optimizer adds its slots
     total_loss, cross_entropy = loss(logits, inputs.labels,

@@ -8,9 +8,8 @@ return at a checkpoint, the walltime, a divergence or a signal, an exception) st
 exception in the thread is raised in the loop at the step it would have delivered.
 
 Each minibatch is a new array: Session.run may read a fed array in place, so a reused buffer could change a
-step's input while it runs. On a GPU the thread still takes the gather off the step, but the host-to-device copy
-of the feed stays in Session.run: prefetching to the device would need the graph to read its minibatch from a
-device-side stage (tf.raw_ops.Stage/Unstage) instead of the images/labels placeholders.
+step's input while it runs. On a GPU the loop also copies each minibatch to the device during the step before
+its own (the model's staging area: deepnet_network.make_inputs, Trainer._feeds).
 """
 import queue
 import threading

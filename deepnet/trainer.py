@@ -420,8 +420,8 @@ class Trainer:
         first, batch = record["mb_count_total"] + 1, settings["minibatch_size"]
         with pipeline.Prefetcher(lambda step: self.data.minibatch(step, batch, settings), first,
                                  settings["n_minibatches"]) as minibatches:
-            for step, images, labels in minibatches:
-                loss, xentropy, top1 = self._step(step, images, labels)
+            for step, feed, ops in self._feeds(minibatches):
+                loss, xentropy, top1 = self._step(step, feed, ops)
                 if not np.isfinite(loss):
                     self._diverged(step, loss)
                     return None
@@ -445,14 +445,40 @@ class Trainer:
                     return self._interrupted(step, stop.signal)
         return None
 
-    def _step(self, step, images, labels):
-        """One training step on the minibatch (with the TensorBoard summaries every SUMMARY_EVERY steps: fetched in
-        the same run, histograms made and events written off the step); returns its loss, cross-entropy and top-1."""
+    def _feeds(self, minibatches):
+        """(step, feed, ops) for each (step, images, labels) of minibatches: the feed of the step's minibatch or,
+        where the model stages its input (on a GPU), the feed and op that stage the next one during this step
+        (the first is staged before its step). A minibatch that fails to assemble fails the loop at its step."""
+        inputs, staging = self.model.inputs, self.model.inputs.staging
+        if staging is None:
+            for step, images, labels in minibatches:
+                yield step, {inputs.images: images, inputs.labels: labels}, []
+            return
+        self.sess.run(staging.clear)  # what an earlier loop in this session left staged
+        upcoming, failure = next(minibatches, None), None
+        if upcoming is not None:
+            self.sess.run(staging.put, {staging.images: upcoming[1], staging.labels: upcoming[2]})
+        while upcoming is not None:
+            step = upcoming[0]
+            try:
+                upcoming = next(minibatches, None)
+            except Exception as err:  # raised once this step has run
+                upcoming, failure = None, err
+            if upcoming is None:
+                yield step, {}, []
+            else:
+                yield step, {staging.images: upcoming[1], staging.labels: upcoming[2]}, [staging.put]
+            if failure is not None:
+                raise failure
+
+    def _step(self, step, feed, ops=()):
+        """One training step with feed, running ops with it (see _feeds), and with the TensorBoard summaries every
+        SUMMARY_EVERY steps (fetched in the same run, histograms made and events written off the step); returns
+        its loss, cross-entropy and top-1."""
         model, inputs = self.model, self.model.inputs
-        feed = {inputs.images: images, inputs.labels: labels, inputs.keep_probs: self.settings["dropout_keep_probs"],
-                inputs.training: True, inputs.step: step,
-                inputs.lr: schedule.learning_rate(self.settings, step, self.n_images)}
-        fetch = [model.train_op, model.loss, model.cross_entropy, model.top1]
+        feed = {**feed, inputs.keep_probs: self.settings["dropout_keep_probs"], inputs.training: True,
+                inputs.step: step, inputs.lr: schedule.learning_rate(self.settings, step, self.n_images)}
+        fetch = [[model.train_op, *ops], model.loss, model.cross_entropy, model.top1]
         summarise = step % SUMMARY_EVERY == 0
         if summarise:
             fetch += [model.summaries, model.histograms]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import run_settings
+import deepnet_network as net
 from deepnet import data, datasets, pipeline, run_folder, trainer
 
 THREAD = "deepnet-prefetch"
@@ -212,26 +213,37 @@ def test_a_failure_in_fetch_reaches_the_loop_after_the_steps_before_it(fail_at):
 # ---------------------------------------------------------------- in the training loop
 
 class FeedSpy:
-    """Wraps a session's run to keep a copy of the step, images and labels of each training feed, and to ask
-    for a stop (as SIGTERM would) after step `stop_at`."""
+    """Wraps a session's run to keep a copy of the step, images and labels each training step trains on, and to
+    ask for a stop (as SIGTERM would) after step `stop_at`. Where the model stages its input, a step trains on the
+    oldest minibatch staged and not yet taken (the staging area is first in, first out; its clear op empties it)."""
 
     def __init__(self, sess, inputs, stop):
         self.real_run, self.inputs, self.stop, self.stop_at, self.fed = sess.run, inputs, stop, None, []
+        self.staged = []
         sess.run = self.run
 
     def run(self, fetches, feed_dict=None, **kwargs):
-        if feed_dict and self.inputs.step in feed_dict:
-            step = feed_dict[self.inputs.step]
-            self.fed.append((step, np.array(feed_dict[self.inputs.images]), np.array(feed_dict[self.inputs.labels])))
+        feed, inputs, staging = feed_dict or {}, self.inputs, self.inputs.staging
+        if staging is not None and fetches is staging.clear:
+            self.staged.clear()
+        if inputs.step in feed:
+            step = feed[inputs.step]
+            minibatch = self.staged.pop(0) if staging is not None else (feed[inputs.images], feed[inputs.labels])
+            self.fed.append((step, *map(np.array, minibatch)))
             if step == self.stop_at:
                 self.stop.signal = signal.SIGTERM
+        if staging is not None and staging.images in feed:
+            self.staged.append((np.array(feed[staging.images]), np.array(feed[staging.labels])))
         return self.real_run(fetches, feed_dict, **kwargs)
 
 
-@pytest.fixture
-def loop(tiny_root):
+@pytest.fixture(params=["fed", "staged"])
+def loop(tiny_root, request, monkeypatch):
     """A Trainer on the tiny data (304 training images: 19 minibatches of 16 per epoch, 45 steps), with
-    validation, checkpoints and weight saves off, its training feeds spied on."""
+    validation, checkpoints and weight saves off, its training feeds spied on; 'staged': its input staged on a
+    device (the CPU here) as on a GPU, the minibatch fed during the step before its own."""
+    if request.param == "staged":
+        monkeypatch.setattr(net, "staging_device", lambda: "/device:CPU:0")
     s = run_settings(tiny_root, n_minibatches=45)
     train, test, _ = data.load_pair(*datasets.data_files(s), 10, s["path_relative"])
     run_data = data.Data(train, test, data.make_split(len(train[1]), s), s["minibatch_size"])
@@ -240,6 +252,7 @@ def loop(tiny_root):
     with trainer.StopRequest() as stop:
         loop = trainer.Trainer(s, paths, run_data, None, lambda line: None, stop)
         try:
+            assert (loop.model.inputs.images.op.type == "Unstage") == (request.param == "staged")
             loop.val_mbs = loop.ckpt_mbs = loop.af_mbs = loop.all_mbs = set()
             loop.sess.run(loop.init_op)
             loop.record = trainer.new_recorder(s, run_data.mbs_per_epoch)
@@ -279,11 +292,16 @@ def test_the_training_loop_trains_on_the_rule_s_minibatches_fresh_and_resumed(lo
 
 
 def test_a_stop_request_ends_the_loop_after_its_step_and_the_thread_with_it(loop):
+    """...and the loop goes on from the next step when it is run again in the same session (a staged minibatch
+    the stopped loop left is not trained on)."""
     loop.spy.stop_at = 7
     assert loop._train() == 128 + signal.SIGTERM
     assert_fed_by_the_rule(loop, list(range(1, 8)))
     assert loop.record["mb_count_total"] == 7
     assert not prefetch_threads()
+    loop.stop.signal = None
+    assert loop._train() is None
+    assert_fed_by_the_rule(loop, list(range(1, 46)))
 
 
 def test_minibatches_are_assembled_in_the_pipeline_s_thread_and_a_failing_one_fails_the_loop_at_its_step(

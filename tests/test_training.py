@@ -333,6 +333,32 @@ def test_walltime_stops_at_checkpoints_and_resume_is_exact(tmp_path):
     assert_same(got, want)
 
 
+def test_a_run_whose_input_is_staged_on_a_device_is_the_fed_run_bit_for_bit(tmp_path, monkeypatch):
+    """On a GPU each minibatch is staged on the device during the step before its own (deepnet_network.make_inputs):
+    staged here on the CPU, a run stopped at its checkpoints by the walltime and resumed twice, with validations
+    (fed, beside the staging area) and the test, records exactly what the fed run records."""
+    import deepnet_network as net
+    from conftest import write_tiny_data
+    write_tiny_data(str(tmp_path))
+    reference = run_settings(tmp_path, spec_name="fed", n_minibatches=40)
+    assert train(reference) == 0
+    monkeypatch.setattr(net, "staging_device", lambda: "/device:CPU:0")
+    staged = dict(reference, spec_name="staged", walltime=1e-4)
+    built, real_build = [], net.build_model
+
+    def build_model(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+    monkeypatch.setattr(net, "build_model", build_model)
+    while train(staged) == 0 and not record_of(staged)["test_completed"]:
+        pass
+    assert len(built) == 3 and all(model.inputs.images.op.type == "Unstage" for model in built)
+    got, want = record_of(staged), record_of(reference)
+    for r in (got, want):
+        r.pop("spec_name"), r["settings"].pop("spec_name"), r["settings"].pop("walltime")
+    assert_same(got, want)
+
+
 def test_rerun_of_complete_run_does_nothing(tiny_root):
     s = run_settings(tiny_root, n_minibatches=8)
     assert train(s) == 0
