@@ -9,7 +9,8 @@ Every graph is built by the suite's own deepnet_network.build_model (minibatch 2
 random data, keep_probs [0.5], training True, Adam, weight decay) in its own session with the
 suite's default session config. After a warm-up the configurations take turns (in an order rotated
 every round), --reps rounds of --steps train_op runs (and as many eval passes) each, so machine load
-hits them alike; figures are medians over all steps.
+hits them alike; the table's figures are medians over all steps, the ratios on the lines below it (and on
+the last line) medians over the rounds of the two configurations' ratio in the same round.
 The eval pass is sess.run of the loss and top-1 with training False and no dropout.
 Peak RSS is that of a child process that builds only this configuration and runs a few steps
 (VmHWM; it includes TensorFlow itself), since one process holding all graphs cannot tell them apart.
@@ -163,7 +164,8 @@ def timed_train(loop, n):
 
 def measure_loop_efficiency(loop, steps, reps=3):
     """Images/s of the suite's training loop (Trainer._train, see bench_trainer) over images/s of a bare
-    sess.run(train_op) loop with one fixed feed, on the same graph and session, alternating; medians."""
+    sess.run(train_op) loop with one fixed feed, on the same graph and session, alternating; the median of
+    the reps' ratios."""
     s, inputs = loop.settings, loop.model.inputs
     images, labels = loop.data.minibatch(1, s["minibatch_size"], s)
     feed = {inputs.images: images, inputs.labels: labels, inputs.keep_probs: s["dropout_keep_probs"],
@@ -180,7 +182,7 @@ def measure_loop_efficiency(loop, steps, reps=3):
     for _ in range(reps):
         suite.append(timed_train(loop, steps))
         bare.append(bare_loop(steps))
-    return float(np.median(bare) / np.median(suite))
+    return float(np.median(np.array(bare) / np.array(suite)))
 
 
 def trivial_model():
@@ -330,9 +332,11 @@ def report(runners, batch):
               f"{eval_ms / train_ms:10.3f}")
 
 
-def ratio(runners, label, base_label):
-    times = {r.config.label: np.median(r.train_times) for r in runners}
-    return times[label] / times[base_label]
+def ratio(runners, label, base_label, reps):
+    """Median over the rounds of label's train time over base_label's in the same round: paired, so a slow
+    stretch of the machine, which slows both, does not count."""
+    rounds = {r.config.label: np.reshape(r.train_times, (reps, -1)).sum(axis=1) for r in runners}
+    return float(np.median(rounds[label] / rounds[base_label]))
 
 
 def parse_args(argv):
@@ -390,9 +394,9 @@ def main(argv=None):
     print(f"smcn, minibatch {args.batch}, {args.reps} rounds x {args.steps} steps, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}")
     report(runners, args.batch)
-    print(f"adaptive/fixed relu = {ratio(runners, ADAPTIVE, RELU):.3f}   "
-          f"fused/plain ABU (unrestricted) = {ratio(runners, ABU, ABU_PLAIN):.3f}   "
-          f"before: plain ABU/plain fixed relu = {ratio(runners, ABU_PLAIN, RELU_PLAIN):.3f}")
+    print(f"adaptive/fixed relu = {ratio(runners, ADAPTIVE, RELU, args.reps):.3f}   "
+          f"fused/plain ABU (unrestricted) = {ratio(runners, ABU, ABU_PLAIN, args.reps):.3f}   "
+          f"before: plain ABU/plain fixed relu = {ratio(runners, ABU_PLAIN, RELU_PLAIN, args.reps):.3f}")
     with bench_trainer(bench_settings(CONFIGS[5]), args.batch, args.loop_images) as loop:
         efficiency = measure_loop_efficiency(loop, steps=20, reps=1 if args.quick else 3)
         ceiling, host_ms = measure_pipeline_ceiling(loop, steps=args.pipeline_steps)
@@ -402,7 +406,7 @@ def main(argv=None):
     print(f"input pipeline: the suite loop with a trivial step supplies {ceiling:.0f} images/s ({host_ms:.2f} ms "
           f"host-side per minibatch of {args.batch}; the gather alone {gather_ms:.2f} ms), {ceiling / step_rate:.1f} x "
           f"the fused fixed 1_relu step's {step_rate:.0f} images/s")
-    print(f"abu_over_relu={ratio(runners, ABU, RELU):.2f} loop_efficiency={efficiency:.2f} "
+    print(f"abu_over_relu={ratio(runners, ABU, RELU, args.reps):.2f} loop_efficiency={efficiency:.2f} "
           f"pipeline_over_step={ceiling / step_rate:.1f}")
 
 
