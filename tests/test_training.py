@@ -309,11 +309,24 @@ def test_runs_are_deterministic_and_seeded(tmp_path):
     assert ra["train_loss_hist"] != rc["train_loss_hist"]
 
 
-def test_walltime_stops_at_checkpoints_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("inputs", ["fed", "staged"])
+def test_walltime_stops_at_checkpoints_and_resume_is_exact(tmp_path, monkeypatch, inputs):
+    """'staged': the limited run's input is staged on a device (the CPU here) as on a GPU, each minibatch during
+    the step before its own (deepnet_network.make_inputs), validations and the test fed beside the staging area;
+    it still records exactly what the fed reference records."""
+    import deepnet_network as net
     from conftest import write_tiny_data
     write_tiny_data(str(tmp_path))
     reference = run_settings(tmp_path, spec_name="ref", n_minibatches=40, create_lc_on_the_fly=True)
     assert train(reference) == 0
+    built, real_build = [], net.build_model
+
+    def build_model(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+    monkeypatch.setattr(net, "build_model", build_model)
+    if inputs == "staged":
+        monkeypatch.setattr(net, "staging_device", lambda: "/device:CPU:0")
     limited = dict(reference, spec_name="wall", walltime=1e-4)
     paths = run_folder.run_paths(limited)
     stops = 0
@@ -326,34 +339,10 @@ def test_walltime_stops_at_checkpoints_and_resume_is_exact(tmp_path):
         assert glob.glob(os.path.join(paths["run_dir"], "run_incomplete_mb_*.txt"))
         assert "walltime" in lines[-1]
     assert stops >= 2  # checkpoints at 19 and 38 each ended a process
+    assert len(built) == stops + 1
+    assert all((model.inputs.images.op.type == "Unstage") == (inputs == "staged") for model in built)
     assert not glob.glob(os.path.join(paths["run_dir"], "run_incomplete_mb_*.txt"))
     got, want = record_of(limited), record_of(reference)
-    for r in (got, want):
-        r.pop("spec_name"), r["settings"].pop("spec_name"), r["settings"].pop("walltime")
-    assert_same(got, want)
-
-
-def test_a_run_whose_input_is_staged_on_a_device_is_the_fed_run_bit_for_bit(tmp_path, monkeypatch):
-    """On a GPU each minibatch is staged on the device during the step before its own (deepnet_network.make_inputs):
-    staged here on the CPU, a run stopped at its checkpoints by the walltime and resumed twice, with validations
-    (fed, beside the staging area) and the test, records exactly what the fed run records."""
-    import deepnet_network as net
-    from conftest import write_tiny_data
-    write_tiny_data(str(tmp_path))
-    reference = run_settings(tmp_path, spec_name="fed", n_minibatches=40)
-    assert train(reference) == 0
-    monkeypatch.setattr(net, "staging_device", lambda: "/device:CPU:0")
-    staged = dict(reference, spec_name="staged", walltime=1e-4)
-    built, real_build = [], net.build_model
-
-    def build_model(*args, **kwargs):
-        built.append(real_build(*args, **kwargs))
-        return built[-1]
-    monkeypatch.setattr(net, "build_model", build_model)
-    while train(staged) == 0 and not record_of(staged)["test_completed"]:
-        pass
-    assert len(built) == 3 and all(model.inputs.images.op.type == "Unstage" for model in built)
-    got, want = record_of(staged), record_of(reference)
     for r in (got, want):
         r.pop("spec_name"), r["settings"].pop("spec_name"), r["settings"].pop("walltime")
     assert_same(got, want)
